@@ -1,0 +1,1 @@
+"""Feature statistics, labels, search and steering."""

@@ -1,0 +1,140 @@
+"""Nearest features by decoder cosine (within a version, or in another version of an SAE on
+the same model and hook), stored once computed; and the evaluation suite run on held-out text,
+stored per version and logged to MLflow."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from sqlalchemy import select
+
+from registry import db
+from registry.errors import UsageError
+from registry.feature_models import FeatureNeighbor, VersionEval
+
+EVAL_EXPERIMENT = "sae-registry-eval"
+
+
+@dataclass(frozen=True)
+class Neighbor:
+    ref: str
+    index: int
+    cosine: float
+    label: str | None
+
+
+def neighbors(ref: str, index: int, *, other: str | None = None, k: int = 10,
+              database_url: str | None = None) -> list[Neighbor]:
+    """The ``k`` features of ``other`` (default: ``ref`` itself, excluding ``index``) whose
+    decoder directions are closest in cosine to feature ``index`` of ``ref``."""
+    import torch
+
+    from analysis.search import current_labels
+    from analysis.stats import check_index
+    from registry.api import get_version, load_sae
+
+    if k < 1:
+        raise UsageError(f"k must be positive, got {k}")
+    info = get_version(ref, database_url=database_url)
+    check_index(info, index)
+    oinfo = info if other is None else get_version(other, database_url=database_url)
+    if (oinfo.model, oinfo.hook, oinfo.d_in) != (info.model, info.hook, info.d_in):
+        raise UsageError(f"{oinfo.ref} is on {oinfo.model} {oinfo.hook}, not {info.model} "
+                         f"{info.hook}: decoder directions are not comparable")
+    with db.session(database_url) as s:
+        rows = s.scalars(select(FeatureNeighbor).where(
+            FeatureNeighbor.version_id == info.id, FeatureNeighbor.feature_index == index,
+            FeatureNeighbor.other_version_id == oinfo.id).order_by(FeatureNeighbor.rank)).all()
+        stored = [(r.other_index, r.cosine) for r in rows]
+    if len(stored) < min(k, oinfo.d_sae - (oinfo.id == info.id)):
+        w = load_sae(info.ref, database_url=database_url).W_dec.detach()
+        wo = w if oinfo.id == info.id else load_sae(oinfo.ref, database_url=database_url).W_dec.detach()
+        d = w[index] / w[index].norm().clamp(min=1e-12)
+        cos = (wo / wo.norm(dim=1, keepdim=True).clamp(min=1e-12)) @ d
+        if oinfo.id == info.id:
+            cos[index] = -math.inf
+        vals, idx = cos.topk(min(k, int(torch.isfinite(cos).sum())))
+        stored = [(int(i), float(v)) for v, i in zip(vals, idx)]
+
+        def write() -> None:
+            with db.session(database_url, write=True) as s:
+                for r in s.scalars(select(FeatureNeighbor).where(
+                        FeatureNeighbor.version_id == info.id,
+                        FeatureNeighbor.feature_index == index,
+                        FeatureNeighbor.other_version_id == oinfo.id)).all():
+                    s.delete(r)
+                s.flush()
+                s.add_all(FeatureNeighbor(version_id=info.id, feature_index=index,
+                                          other_version_id=oinfo.id, rank=n + 1,
+                                          other_index=i, cosine=c)
+                          for n, (i, c) in enumerate(stored))
+
+        db.retrying(write, what="storing neighbors")
+    labels = current_labels(oinfo.id, [i for i, _ in stored[:k]], database_url)
+    return [Neighbor(oinfo.ref, i, c, labels.get(i)) for i, c in stored[:k]]
+
+
+def evaluate(ref: str, *, dataset: str | None = None, tokens: int = 8192,
+             context_size: int = 128, batch_size: int = 4, mlflow: bool = True,
+             database_url: str | None = None) -> dict[str, float]:
+    """Run the evaluation suite (CE-loss score, KL, explained variance, L0, dead fraction,
+    shrinkage) on held-out text; store it on the version (``version_evals``) and, with
+    ``mlflow``, as a run of the MLflow experiment ``sae-registry-eval``."""
+    from analysis.lm import load_model
+    from registry.api import get_version, load_sae
+    from registry.catalog_rows import current_user
+    from training.data import TokenWindows
+    from training.evaluate import evaluate_saes
+
+    if tokens < 1 or context_size < 2 or batch_size < 1:
+        raise UsageError("tokens and batch_size must be positive and context_size >= 2")
+    info = get_version(ref, database_url=database_url)
+    sae = load_sae(info.ref, database_url=database_url)
+    lm = load_model(info.model)
+    if context_size > lm.context_limit:
+        raise UsageError(f"context_size {context_size} exceeds the model's limit "
+                         f"{lm.context_limit}")
+    windows = TokenWindows(lm.tokenizer, context_size, dataset=dataset, held_out=True)
+    metrics = evaluate_saes(lm, {"sae": (info.hook, sae)},
+                            (ids for ids, _ in windows.batches(batch_size)), tokens)["sae"]
+    if not metrics:
+        raise UsageError(f"no held-out window of {context_size} tokens in "
+                         f"{dataset or 'the default corpus'}; nothing stored")
+    metrics = {k: float(v) for k, v in metrics.items()}
+    run_id = None
+    if mlflow:
+        run_id = _log_mlflow(info, metrics, dataset, context_size)
+
+    def write() -> None:
+        with db.session(database_url, write=True) as s:
+            s.add(VersionEval(version_id=info.id, dataset=dataset or "saereg:default-corpus",
+                              tokens=int(metrics["eval_tokens"]), context_size=context_size,
+                              metrics=metrics, mlflow_run_id=run_id, created_by=current_user()))
+
+    db.retrying(write, what="storing an evaluation")
+    return {**metrics, "mlflow_run_id": run_id}
+
+
+def _log_mlflow(info, metrics: dict[str, float], dataset: str | None, context_size: int) -> str:
+    import time
+
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric, Param
+
+    from registry.paths import mlflow_artifact_root, mlflow_tracking_uri
+
+    client = MlflowClient(tracking_uri=mlflow_tracking_uri())
+    exp = client.get_experiment_by_name(EVAL_EXPERIMENT)
+    exp_id = exp.experiment_id if exp else client.create_experiment(
+        EVAL_EXPERIMENT, artifact_location=f"{mlflow_artifact_root()}/{EVAL_EXPERIMENT}")
+    run = client.create_run(exp_id, run_name=f"eval-{info.ref}", tags={
+        "saereg.version": info.ref, "saereg.version_uid": info.uid, "model": info.model,
+        "hook": info.hook})
+    ts = int(time.time() * 1000)
+    client.log_batch(run.info.run_id, params=[
+        Param("dataset", dataset or "saereg:default-corpus"),
+        Param("context_size", str(context_size))],
+        metrics=[Metric(f"eval/{k}", v, ts, 0) for k, v in metrics.items() if math.isfinite(v)])
+    client.set_terminated(run.info.run_id, "FINISHED")
+    return run.info.run_id

@@ -1,0 +1,83 @@
+"""`saereg preset` and `saereg steer` (mounted lazily by registry.cli)."""
+
+from __future__ import annotations
+
+import textwrap
+
+import click
+
+
+def _feature(text: str) -> tuple[str | None, int, float | None]:
+    """``INDEX`` or ``REF:INDEX``."""
+    ref, _, index = text.rpartition(":")
+    try:
+        return (ref or None), int(index), None
+    except ValueError:
+        raise click.BadParameter(f"expected INDEX or REF:INDEX, got {text!r}") from None
+
+
+@click.group()
+def preset():
+    """Steering presets: features with strengths, a method and generation defaults."""
+
+
+@preset.command("create")
+@click.argument("name")
+@click.option("--sae", "ref", default=None, help="SAE version the features belong to.")
+@click.option("--feature", "features", multiple=True, help="INDEX or REF:INDEX (repeatable).")
+@click.option("--strength", "strengths", multiple=True, type=float,
+              help="One per --feature, or one for all.")
+@click.option("--method", type=click.Choice(["add", "clamp"]), default=None)
+@click.option("--max-new-tokens", type=int, default=None)
+@click.option("--temperature", type=float, default=None)
+@click.option("--top-k", type=int, default=None)
+@click.option("--seed", type=int, default=None)
+def preset_create(name, ref, features, strengths, method, max_new_tokens, temperature, top_k,
+                  seed):
+    """Create preset NAME, or its next version (edit) when it exists."""
+    from analysis.steering import create_preset
+    from registry.errors import UsageError
+
+    if features and len(strengths) not in (1, len(features)):
+        raise UsageError("give one --strength, or one per --feature")
+    feats = [(r, i, strengths[min(n, len(strengths) - 1)] if strengths else 8.0)
+             for n, (r, i, _) in enumerate(map(_feature, features))]
+    p = create_preset(name, ref, feats, method=method, generation={
+        "max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k,
+        "seed": seed})
+    click.echo(f"preset {p.name}@{p.number} on {p.ref} ({p.method}, {len(p.features)} features)")
+
+
+@preset.command("show")
+@click.argument("name")
+def preset_show(name):
+    """A preset version (NAME or NAME@N) as JSON."""
+    import json
+
+    from analysis.steering import get_preset
+
+    p = get_preset(name)
+    click.echo(json.dumps({"name": p.name, "version": p.number, "sae": p.ref, "model": p.model,
+                           "method": p.method, "features": p.features,
+                           "generation": p.generation, "created_by": p.created_by}, indent=2))
+
+
+@click.command()
+@click.argument("prompt")
+@click.option("--preset", "preset_ref", required=True, help="NAME or NAME@N.")
+@click.option("--seed", type=int, default=None)
+@click.option("--max-new-tokens", type=int, default=None)
+def steer(prompt, preset_ref, seed, max_new_tokens):
+    """Print the default and the steered continuation of PROMPT side by side (same seed)."""
+    from analysis.steering import steer as run
+
+    r = run(preset_ref, prompt, seed=seed, generation={"max_new_tokens": max_new_tokens})
+    width = 38
+    left = textwrap.wrap(prompt + r.default, width) or [""]
+    right = textwrap.wrap(prompt + r.steered, width) or [""]
+    click.echo(f"{'default':<{width}} | steered ({r.preset}, seed {r.seed})")
+    for i in range(max(len(left), len(right))):
+        a = left[i] if i < len(left) else ""
+        b = right[i] if i < len(right) else ""
+        click.echo(f"{a:<{width}} | {b}")
+    click.echo(f"stored as steering run {r.run_id}")

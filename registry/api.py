@@ -1,0 +1,204 @@
+"""The Python API for other projects: register, load, export, collect garbage.
+
+``load_sae("name@prod", device="cuda", dtype="bfloat16")`` needs only this package and
+``SAEREG_HOME`` or ``SAEREG_DATABASE_URL``: the version's row says where its files are, and
+every file is checked against its sha256 before the SAE is built.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from registry.catalog import Catalog
+from registry.errors import DeprecatedVersionWarning, MirrorError, UsageError
+from registry.queries import VersionInfo, referenced_blobs, referenced_trees
+from registry.refs import parse_ref
+from registry.sae_files import write_atomic_dir
+from registry.store import ArtifactStore, age_ok
+
+if TYPE_CHECKING:
+    import torch
+
+    from registry.sae import SAE
+
+DEFAULT_GC_MIN_AGE = 3600.0
+PROVENANCE_FILE = "saereg.json"
+
+
+def register_from_run(run_id: str, name: str, *, tags: Mapping[str, str] | None = None,
+                      note: str | None = None, parent: str | None = None,
+                      database_url: str | None = None, tracking_uri: str | None = None,
+                      store_url: str | None = None) -> VersionInfo:
+    """Register the SAE that MLflow run ``run_id`` logged (artifact ``sae/``) as the next version
+    of ``name``, and mirror it as a version of the MLflow registered model ``name``.
+
+    The run must be FINISHED. Lineage comes from the run: params (``job.*``, ``sae.*``), final
+    metrics (``eval/*``, ``final/*``), dataset, token count, context size. ``tags`` are set on
+    the version (catalog and MLflow), ``note`` is its first note, ``parent`` a reference to the
+    version it was derived from (``NAME@N``). The database is ``database_url`` or
+    ``SAEREG_DATABASE_URL`` or the SQLite catalog in ``SAEREG_HOME``; MLflow is
+    ``tracking_uri`` or ``registry.paths.mlflow_tracking_uri()``; files go to ``store_url`` or
+    ``SAEREG_ARTIFACT_STORE`` or ``$SAEREG_HOME/artifacts``.
+
+    Returns the new version. Raises ``NotFoundError`` (unknown run or parent),
+    ``SAEFormatError`` (no or inconsistent SAE folder), ``SAEMismatchError`` (``name`` is bound
+    to another model, hook, architecture or shape), ``MirrorError`` (MLflow side failed;
+    nothing was recorded), ``CatalogBusyError``.
+    """
+    cat = Catalog(database_url, store_url=store_url, tracking_uri=tracking_uri)
+    return cat.register_run(run_id, name, tags=tags, note=note, parent=parent)
+
+
+def register_from_folder(path: str | Path, name: str, *, model: str | None = None,
+                         hook: str | None = None, tags: Mapping[str, str] | None = None,
+                         note: str | None = None, parent: str | None = None,
+                         metrics: Mapping[str, float] | None = None,
+                         database_url: str | None = None, tracking_uri: str | None = None,
+                         store_url: str | None = None) -> VersionInfo:
+    """Register an SAE folder (this project's or SAELens's layout) as the next version of
+    ``name``. ``model`` and ``hook`` are needed only when ``cfg.json`` does not name them;
+    ``metrics`` adds to (or replaces) what a linked run provides. See
+    :func:`register_from_run` for the rest."""
+    cat = Catalog(database_url, store_url=store_url, tracking_uri=tracking_uri)
+    return cat.register_folder(path, name, model=model, hook=hook, tags=tags, note=note,
+                               parent=parent, metrics=metrics)
+
+
+def get_version(ref: str, *, database_url: str | None = None) -> VersionInfo:
+    """What the catalog records about ``ref`` (``NAME``, ``NAME@3``, ``NAME@prod``)."""
+    return Catalog(database_url).get(ref)
+
+
+def _warn_if_deprecated(info: VersionInfo) -> None:
+    if info.deprecated:
+        warnings.warn(DeprecatedVersionWarning(
+            f"{info.ref} is deprecated: {info.deprecation_reason}"), stacklevel=3)
+
+
+def load_sae(ref: str | os.PathLike, device: str | torch.device = "cpu",
+             dtype: torch.dtype | str | None = None, *,
+             database_url: str | None = None) -> SAE:
+    """Load an SAE as a torch module on ``device`` (and ``dtype``, if given).
+
+    ``ref`` is ``NAME`` (latest non-deprecated version), ``NAME@3``, ``NAME@alias``, a local
+    SAE folder, or ``hf://ORG/NAME/PATH@REV`` (downloaded through huggingface_hub's cache, only
+    that folder at that revision, checked against its registry.json; works offline once
+    cached). Every stored file is checked against the sha256 recorded at registration
+    (``ChecksumError`` names the file and both hashes). A deprecated version loads with a
+    :class:`DeprecatedVersionWarning`. The module's ``cfg.metadata`` gains ``saereg_ref``.
+    """
+    from registry.sae_files import load_sae as load_folder
+
+    parsed = parse_ref(ref)
+    if parsed.kind == "dir":
+        return load_folder(parsed.path, device=device, dtype=dtype)
+    if parsed.kind == "hub":
+        from registry.hub import download_ref
+
+        folder, where = download_ref(parsed.text)
+        sae = load_folder(folder, device=device, dtype=dtype)
+        sae.cfg.metadata.update(saereg_ref=where)
+        return sae
+    info = Catalog(database_url).get(parsed)
+    _warn_if_deprecated(info)
+    with tempfile.TemporaryDirectory(prefix="saereg-load-") as tmp:
+        ArtifactStore(info.artifact_uri).materialize(info.files, tmp, link=True, where=info.ref)
+        sae = load_folder(tmp, device=device, dtype=dtype)
+    sae.cfg.metadata.update(saereg_ref=info.ref, saereg_uid=info.uid)
+    return sae
+
+
+def export_sae(ref: str, dest: str | Path, *, overwrite: bool = False,
+               database_url: str | None = None) -> Path:
+    """Write a verified copy of a version's files to the folder ``dest`` (SAELens layout, plus
+    ``saereg.json`` saying where it came from). The folder appears complete or not at all."""
+    import json
+
+    info = Catalog(database_url).get(ref)
+    _warn_if_deprecated(info)
+    dest = Path(dest).expanduser()
+    if dest.exists() and not overwrite:
+        raise UsageError(f"{dest} already exists (pass --force / overwrite=True to replace it)")
+
+    def fill(tmp: Path) -> None:
+        ArtifactStore(info.artifact_uri).materialize(info.files, tmp, where=info.ref)
+        (tmp / PROVENANCE_FILE).write_text(json.dumps({
+            "ref": info.ref, "uid": info.uid, "model": info.model, "hook": info.hook,
+            "mlflow_run_id": info.mlflow_run_id, "status": info.status,
+            "files": {f.name: {"sha256": f.sha256, "size": f.size} for f in info.files},
+        }, indent=2) + "\n")
+
+    return write_atomic_dir(dest, fill, overwrite=True)
+
+
+@dataclass
+class GcReport:
+    dry_run: bool
+    blobs: list[str] = field(default_factory=list)
+    trees: list[str] = field(default_factory=list)
+    temporary: list[str] = field(default_factory=list)
+    mlflow_versions: list[tuple[str, str]] = field(default_factory=list)
+    mlflow_error: str | None = None
+    store: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"dry_run": self.dry_run, "store": self.store, "blobs": self.blobs,
+                "trees": self.trees, "temporary": self.temporary,
+                "mlflow_versions": [f"{n}/{v}" for n, v in self.mlflow_versions],
+                "mlflow_error": self.mlflow_error}
+
+
+def gc(*, dry_run: bool = False, min_age: float = DEFAULT_GC_MIN_AGE, mlflow: bool = True,
+       database_url: str | None = None, store_url: str | None = None,
+       tracking_uri: str | None = None) -> GcReport:
+    """Remove what no catalog version references: blobs and trees of the artifact store,
+    leftover temporary files, and MLflow model versions of this catalog whose catalog
+    transaction never committed. Only things older than ``min_age`` seconds are touched (a
+    registration in flight writes its files before it commits)."""
+    cat = Catalog(database_url, store_url=store_url, tracking_uri=tracking_uri)
+    store = cat.store
+    report = GcReport(dry_run=dry_run, store=store.url)
+    with cat.session() as s:
+        blobs, trees = referenced_blobs(s), referenced_trees(s)
+    for sha, mtime in store.iter_blobs():
+        if sha not in blobs and age_ok(mtime, min_age):
+            report.blobs.append(sha)
+    for tid, mtime in store.iter_trees():
+        if tid not in trees and age_ok(mtime, min_age):
+            report.trees.append(tid)
+    report.temporary = [p for p, m in store.iter_tmp() if age_ok(m, min_age)]
+    if mlflow:
+        from sqlalchemy import select
+
+        from registry.models import SAEVersion
+
+        with cat.session() as s:
+            uids = set(s.scalars(select(SAEVersion.uid)))
+        try:
+            report.mlflow_versions = cat.mirror.stale_versions(cat.catalog_id(), uids, min_age)
+        except MirrorError as e:
+            report.mlflow_error = str(e)
+    if dry_run:
+        return report
+    with cat.session() as s:  # re-read: a registration may have committed meanwhile
+        blobs, trees = referenced_blobs(s), referenced_trees(s)
+    report.blobs = [b for b in report.blobs if b not in blobs]
+    report.trees = [t for t in report.trees if t not in trees]
+    for tid in report.trees:
+        store.delete_tree(tid)
+    for sha in list(report.blobs):
+        if not age_ok(store.blob_mtime(sha), min_age):  # reused by a registration in flight
+            report.blobs.remove(sha)
+            continue
+        store.delete_blob(sha)
+    for path in report.temporary:
+        store.delete_tmp(path)
+    for name, version in report.mlflow_versions:
+        cat.mirror.delete_version(name, version)
+    return report

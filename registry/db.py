@@ -1,0 +1,206 @@
+"""The catalog database: URL, engines, sessions, schema check and retries.
+
+``SAEREG_DATABASE_URL`` points the catalog at any SQLAlchemy URL (PostgreSQL for teams); the
+default is an embedded SQLite file, ``$SAEREG_HOME/catalog.db``.
+
+SQLite runs in WAL mode with foreign keys on and a busy timeout; SQLAlchemy emits ``BEGIN``
+itself (the sqlite3 driver's legacy transaction handling is switched off), so write sessions
+start with ``BEGIN IMMEDIATE`` and take the write lock up front instead of failing half-way.
+The embedded SQLite catalog migrates itself on first use; a PostgreSQL catalog is never
+migrated silently: it must be at the head revision, or every operation stops with one error
+that says to run ``saereg db upgrade``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import time
+from collections.abc import Callable, Iterator
+from typing import TypeVar
+
+from sqlalchemy import create_engine, event
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.orm import Session
+
+from registry.errors import CatalogBusyError, CatalogNotMigratedError
+from registry.paths import saereg_home
+
+T = TypeVar("T")
+
+BUSY_TIMEOUT_MS = 30_000
+"""How long SQLite waits for the write lock inside one attempt."""
+RETRY_ATTEMPTS = 10
+RETRY_SQLSTATES = {"40001", "40P01", "55P03"}  # serialization failure, deadlock, lock not available
+RETRY_MESSAGES = ("database is locked", "database table is locked", "database is busy")
+
+_engines: dict[tuple[str, int], Engine] = {}
+_checked: set[tuple[str, int]] = set()
+
+
+def database_url() -> str:
+    """``SAEREG_DATABASE_URL``, or the SQLite catalog in ``$SAEREG_HOME``."""
+    url = os.environ.get("SAEREG_DATABASE_URL")
+    if url:
+        return url
+    return f"sqlite:///{saereg_home() / 'catalog.db'}"
+
+
+def safe_url(url: str) -> str:
+    """The URL with any password hidden (for messages)."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - an unparsable URL is shown without its credentials part
+        return url.split("@")[-1]
+
+
+def get_engine(url: str | None = None, *, check_schema: bool = True) -> Engine:
+    """The engine for ``url`` (one per URL and process); checks the schema on first use."""
+    url = url or database_url()
+    key = (url, os.getpid())
+    engine = _engines.get(key)
+    if engine is None:
+        engine = _engines[key] = _create_engine(url)
+    if check_schema and key not in _checked:
+        ensure_schema(engine)
+        _checked.add(key)
+    return engine
+
+
+def dispose_all() -> None:
+    """Close every pooled connection this process holds (tests, forks)."""
+    for (url, pid), engine in list(_engines.items()):
+        if pid == os.getpid():
+            engine.dispose()
+        _engines.pop((url, pid), None)
+        _checked.discard((url, pid))
+
+
+def _create_engine(url: str) -> Engine:
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite":
+        return create_engine(url, pool_pre_ping=True)
+    if parsed.database and parsed.database != ":memory:":
+        os.makedirs(os.path.dirname(os.path.abspath(parsed.database)), exist_ok=True)
+    engine = create_engine(url, connect_args={"timeout": BUSY_TIMEOUT_MS / 1000})
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn, _record):  # noqa: ANN001
+        dbapi_conn.isolation_level = None  # SQLAlchemy emits BEGIN (see _on_begin)
+        cur = dbapi_conn.cursor()
+        try:
+            cur.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            cur.execute("PRAGMA foreign_keys = ON")
+            if cur.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                cur.execute("PRAGMA journal_mode = WAL")
+        finally:
+            cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn):  # noqa: ANN001
+        write = conn.get_execution_options().get("saereg_write", False)
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+
+    return engine
+
+
+@contextlib.contextmanager
+def session(url: str | None = None, *, write: bool = False) -> Iterator[Session]:
+    """A session inside one transaction, committed on exit, rolled back on any error.
+
+    ``write=True`` takes SQLite's write lock at ``BEGIN`` (``BEGIN IMMEDIATE``), so concurrent
+    writers queue on the busy timeout instead of failing when they first write.
+    """
+    engine = get_engine(url)
+    bind = engine.execution_options(saereg_write=True) if write else engine
+    with Session(bind, expire_on_commit=False, autoflush=False) as s, s.begin():
+        yield s
+
+
+def is_retryable(exc: BaseException) -> bool:
+    """A lock timeout, serialization failure or deadlock: the transaction may simply be re-run."""
+    orig = getattr(exc, "orig", None) or exc
+    state = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
+    if state in RETRY_SQLSTATES:
+        return True
+    msg = str(orig).lower()
+    return any(m in msg for m in RETRY_MESSAGES)
+
+
+def retrying(fn: Callable[[], T], *, what: str = "catalog write",
+             attempts: int = RETRY_ATTEMPTS) -> T:
+    """Run ``fn`` (one whole transaction) again, with jittered backoff, while it fails with a
+    retryable database error; after the last attempt raise :class:`CatalogBusyError`."""
+    delay = 0.05
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn()
+        except DBAPIError as e:
+            if not is_retryable(e):
+                raise
+            if attempt == attempts:
+                raise CatalogBusyError(
+                    f"{what}: the catalog stayed busy through {attempts} attempts "
+                    "(another process holds a long write transaction); try again") from None
+        time.sleep(delay * random.uniform(0.5, 1.5))
+        delay = min(delay * 2, 2.0)
+    raise AssertionError("unreachable")
+
+
+# -- schema ---------------------------------------------------------------------------------
+
+def ensure_schema(engine: Engine) -> None:
+    """Make sure the catalog is at the head revision.
+
+    SQLite: migrate (under a file lock, so concurrent first uses migrate once). Any other
+    database: raise :class:`CatalogNotMigratedError` naming the command to run.
+    """
+    from registry import migrate
+
+    head = migrate.head_revision()
+    current = _current(engine)
+    if current == head:
+        return
+    if current is not None and current not in migrate.known_revisions():
+        raise CatalogNotMigratedError(
+            f"catalog {safe_url(str(engine.url))} is at schema revision {current}, which this "
+            "version of sae-registry does not know (it was made by a newer one); upgrade "
+            "sae-registry")
+    if engine.dialect.name == "sqlite":
+        with _file_lock(engine):
+            if _current(engine) != head:
+                migrate.upgrade_engine(engine, "head")
+        return
+    state = "is empty" if current is None else f"is at revision {current}"
+    raise CatalogNotMigratedError(
+        f"catalog {safe_url(str(engine.url))} {state}; this version needs revision {head}. "
+        "Run `saereg db upgrade` (with the same SAEREG_DATABASE_URL) to migrate it")
+
+
+def _current(engine: Engine) -> str | None:
+    from alembic.runtime.migration import MigrationContext
+
+    with engine.connect() as conn:
+        return MigrationContext.configure(conn).get_current_revision()
+
+
+@contextlib.contextmanager
+def _file_lock(engine: Engine) -> Iterator[None]:
+    """An exclusive lock on ``<catalog>.lock`` next to a SQLite catalog file."""
+    db = engine.url.database
+    if not db or db == ":memory:":
+        yield
+        return
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows: SQLite's own lock has to do
+        yield
+        return
+    with open(os.path.abspath(db) + ".lock", "a+") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)

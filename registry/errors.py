@@ -1,0 +1,158 @@
+"""User-facing exception types.
+
+The library raises these; only the CLI turns them into exit codes (``UsageError`` family
+-> exit 2, everything else -> exit 1). Messages name the thing to fix and never carry a
+secret.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Iterable
+
+_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]*@")
+
+
+def redact(text: str) -> str:
+    """``scheme://user:password@host`` -> ``scheme://host`` everywhere in ``text``."""
+    return _USERINFO.sub(r"\1", text)
+
+
+class SaeRegError(Exception):
+    """Base class of every error this project raises on purpose."""
+
+    exit_code = 1
+
+
+class UsageError(SaeRegError):
+    """The user asked for something invalid (a bad parameter); CLI exit code 2."""
+
+    exit_code = 2
+
+
+class ConfigError(UsageError):
+    """A configuration value is out of range or inconsistent with another one."""
+
+
+class NotFoundError(SaeRegError):
+    """A named thing (model, hook point, dataset, SAE) does not exist."""
+
+    def __init__(self, kind: str, name: str, known: Iterable[str] = (), hint: str = ""):
+        self.kind, self.name = kind, name
+        known = list(known)
+        close = difflib.get_close_matches(name, known, n=5, cutoff=0.5)
+        if not close:
+            close = [k for k in known if name.lower() in k.lower()][:5]
+        msg = f"unknown {kind} {name!r}"
+        if close:
+            msg += "; did you mean: " + ", ".join(close)
+        elif known and len(known) <= 12:
+            msg += "; known: " + ", ".join(known)
+        if hint:
+            msg += f" ({hint})"
+        super().__init__(msg)
+        self.near_matches = close
+
+
+class ModelNotFoundError(NotFoundError):
+    def __init__(self, name: str, known: Iterable[str] = (), hint: str = ""):
+        super().__init__("model", name, known, hint)
+
+
+class HookNotFoundError(NotFoundError):
+    def __init__(self, name: str, known: Iterable[str] = (), hint: str = ""):
+        super().__init__("hook point", name, known, hint)
+
+
+class DatasetError(SaeRegError):
+    """A dataset cannot be read (missing path, unreadable file, no text column)."""
+
+
+class SAEFormatError(SaeRegError):
+    """An SAE folder is missing files or its config disagrees with its tensors."""
+
+
+class TrainingDivergedError(SaeRegError):
+    """NaN or inf appeared in activations or in the loss."""
+
+    def __init__(self, step: int, hook: str, what: str):
+        self.step, self.hook, self.what = step, hook, what
+        super().__init__(f"non-finite {what} at step {step} on hook {hook!r}; training stopped, "
+                         "the last good checkpoint is kept")
+
+
+# -- catalog and artifact store ---------------------------------------------------------------
+
+def _ranges(numbers: Iterable[int]) -> str:
+    """1, 2, 3, 5, 7, 8 -> '1-3, 5, 7, 8'."""
+    out: list[str] = []
+    nums = sorted(set(numbers))
+    i = 0
+    while i < len(nums):
+        j = i
+        while j + 1 < len(nums) and nums[j + 1] == nums[j] + 1:
+            j += 1
+        if j - i >= 2:
+            out.append(f"{nums[i]}-{nums[j]}")
+        else:
+            out.extend(str(n) for n in nums[i:j + 1])
+        i = j + 1
+    return ", ".join(out)
+
+
+class SAENotFoundError(NotFoundError):
+    """No SAE of that name in the catalog."""
+
+    def __init__(self, name: str, known: Iterable[str] = (), hint: str = ""):
+        super().__init__("SAE", name, known, hint)
+
+
+class VersionNotFoundError(NotFoundError):
+    """The SAE exists but has no such version number or alias."""
+
+    def __init__(self, name: str, wanted: str, versions: Iterable[int], aliases: Iterable[str]):
+        self.kind, self.name, self.wanted = "version", name, wanted
+        versions, aliases = list(versions), sorted(aliases)
+        what = "no versions" if not versions else f"versions {_ranges(versions)}"
+        what += f" and aliases {', '.join(aliases)}" if aliases else " and no aliases"
+        self.near_matches = difflib.get_close_matches(wanted, aliases, n=3, cutoff=0.5)
+        Exception.__init__(self, f"unknown version {name}@{wanted}: SAE {name!r} has {what}")
+
+
+class SAEMismatchError(UsageError):
+    """A registration disagrees with what the SAE name is bound to (model, hook, shape)."""
+
+
+class NotSupportedError(UsageError):
+    """A valid request that this version of the software does not handle yet."""
+
+
+class ChecksumError(SaeRegError):
+    """A stored artifact no longer matches the sha256 recorded at registration."""
+
+    def __init__(self, file: str, expected: str, actual: str, where: str = ""):
+        self.file, self.expected, self.actual = file, expected, actual
+        at = f" ({where})" if where else ""
+        super().__init__(f"checksum mismatch for {file}{at}: expected sha256 {expected}, "
+                         f"found {actual}; the stored file is corrupt, refusing to load it")
+
+
+class HubError(SaeRegError):
+    """The Hugging Face Hub (or the server at HF_ENDPOINT) refused or failed a request."""
+
+
+class CatalogNotMigratedError(SaeRegError):
+    """The catalog database is not at the schema revision this software needs."""
+
+
+class CatalogBusyError(SaeRegError):
+    """The catalog stayed locked (or kept failing to serialise) through every retry."""
+
+
+class MirrorError(SaeRegError):
+    """The MLflow Model Registry side of a catalog change failed; the catalog was left as is."""
+
+
+class DeprecatedVersionWarning(UserWarning):
+    """Loading a version that was deprecated (it still loads; the reason says what to use)."""

@@ -1,0 +1,405 @@
+"""Hugging Face Hub sync: push catalog versions to a repo, pull published SAEs into the catalog,
+and load ``hf://ORG/NAME/PATH@REV`` references for other projects.
+
+A push uploads, in one commit, ``PATH/`` with the SAELens files (cfg.json,
+sae_weights.safetensors, sparsity.safetensors), registry.json and features.parquet, plus the
+repo's README model card; then it tags the commit ``NAME-vN`` and records the publication in
+the catalog. The publication is recorded only after the commit and the tag exist, so a failed
+upload leaves nothing recorded and a retry completes it (the Hub skips unchanged files).
+
+Credentials are huggingface_hub's: ``HF_TOKEN`` or the stored login; ``HF_ENDPOINT`` picks the
+server. The token is never printed, logged, saved or put in an error message.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from registry.errors import (
+    ChecksumError,
+    HubError,
+    NotFoundError,
+    SAEFormatError,
+    UsageError,
+    redact,
+)
+from registry.hub_card import (
+    FEATURES_FILE,
+    README_FILE,
+    REGISTRY_FILE,
+    read_index,
+    registry_record,
+    render_card,
+    sha256_file,
+    write_features,
+)
+from registry.refs import (
+    parse_ref,
+    validate_repo_id,
+    validate_repo_path,
+    validate_revision,
+)
+
+if TYPE_CHECKING:
+    from registry.catalog import Catalog
+
+SAE_FILES = ("cfg.json", "sae_weights.safetensors", "sparsity.safetensors")
+PUBLISHED_FILES = (*SAE_FILES, REGISTRY_FILE, FEATURES_FILE)
+
+
+@dataclass
+class Publication:
+    ref: str
+    repo: str
+    path: str
+    revision: str
+    commit: str
+    skipped: bool = False
+
+
+def _endpoint() -> str | None:
+    return os.environ.get("HF_ENDPOINT") or None
+
+
+def _api():
+    from huggingface_hub import HfApi
+
+    return HfApi(endpoint=_endpoint(), library_name="sae-registry")
+
+
+def _scrub(text: str) -> str:
+    """First line of an error, with any token value and URL credentials removed."""
+    line = redact(str(text).strip().splitlines()[0] if str(text).strip() else type(text).__name__)
+    try:
+        from huggingface_hub import get_token
+
+        token = get_token()
+    except Exception:  # noqa: BLE001
+        token = None
+    for secret in filter(None, (token, os.environ.get("HF_TOKEN"))):
+        line = line.replace(secret, "***")
+    return line
+
+
+@contextlib.contextmanager
+def hub_errors(what: str, repo: str, revision: str | None = None) -> Iterator[None]:
+    """Turn huggingface_hub and network errors into one clear project error."""
+    from huggingface_hub import errors as hf
+
+    try:
+        yield
+    except hf.RevisionNotFoundError:
+        raise NotFoundError("revision", revision or "main",
+                            hint=f"of Hub repo {repo}; see its branches and tags") from None
+    except hf.RepositoryNotFoundError:
+        raise NotFoundError("Hub repo", repo, hint="check the name, HF_ENDPOINT and your "
+                            "access (HF_TOKEN or `hf auth login`)") from None
+    except hf.LocalEntryNotFoundError as e:
+        raise HubError(f"{what} failed: not in the local huggingface_hub cache, and the Hub "
+                       f"could not be asked ({_scrub(e)})") from None
+    except hf.EntryNotFoundError:
+        raise HubError(f"{what} failed: a file is missing from Hub repo {repo} at "
+                       f"{revision or 'main'}") from None
+    except hf.HFValidationError as e:
+        raise UsageError(f"{what}: {_scrub(e)}") from None
+    except (hf.HfHubHTTPError, hf.OfflineModeIsEnabled) as e:
+        raise HubError(f"{what} failed: {_scrub(e)}") from None
+    except OSError as e:
+        raise HubError(f"{what} failed: {_scrub(e)}") from None
+    except RuntimeError as e:  # the client wraps a failed LFS upload in a RuntimeError
+        cause = f" ({_scrub(e.__cause__)})" if e.__cause__ is not None else ""
+        raise HubError(f"{what} failed: {_scrub(e)}{cause}") from None
+    except Exception as e:  # httpx transport errors
+        if type(e).__module__.split(".")[0] in ("httpx", "httpcore", "httpx2"):
+            raise HubError(f"{what} failed: {type(e).__name__}: {_scrub(e)}") from None
+        raise
+
+
+def verify_folder(folder: Path, where: str) -> dict | None:
+    """Check every file registry.json lists against its sha256; returns the record (or None
+    for a folder without registry.json)."""
+    reg = folder / REGISTRY_FILE
+    if not reg.is_file():
+        return None
+    try:
+        record = json.loads(reg.read_text())
+        files = record["files"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise SAEFormatError(f"{where}: unreadable {REGISTRY_FILE}: {e}") from None
+    for name, meta in files.items():
+        local = folder / name
+        if not local.is_file():
+            continue
+        actual = sha256_file(local)
+        if actual != meta.get("sha256"):
+            raise ChecksumError(name, str(meta.get("sha256")), actual, where)
+    return record
+
+
+# -- push ------------------------------------------------------------------------------------
+
+def _recorded(cat: Catalog, version_id: int, direction: str, repo: str, path: str):
+    from sqlalchemy import select
+
+    from registry.models import Publication as Row
+
+    with cat.session() as s:
+        return s.scalar(select(Row).where(Row.version_id == version_id,
+                                          Row.direction == direction, Row.repo == repo,
+                                          Row.path == path))
+
+
+def _record(cat: Catalog, version_id: int, direction: str, repo: str, path: str,
+            revision: str, commit: str) -> None:
+    from sqlalchemy import select
+
+    from registry import db
+    from registry.catalog_rows import current_user
+    from registry.models import Publication as Row
+    from registry.models import utcnow
+
+    def attempt() -> None:
+        with cat.session(write=True) as s:
+            if s.scalar(select(Row.id).where(  # a concurrent push recorded it meanwhile
+                    Row.version_id == version_id, Row.direction == direction,
+                    Row.repo == repo, Row.path == path)) is not None:
+                return
+            s.add(Row(version_id=version_id, direction=direction, repo=repo, path=path,
+                      revision=revision, commit=commit, created_at=utcnow(),
+                      created_by=current_user()))
+
+    db.retrying(attempt, what=f"recording the publication in {repo}")
+
+
+def _feature_rows(cat: Catalog, version_id: int) -> list[tuple[int, float | None]]:
+    from sqlalchemy import select
+
+    from registry.models import Feature
+
+    with cat.session() as s:
+        return list(s.execute(select(Feature.feature_index, Feature.log10_firing_rate)
+                              .where(Feature.version_id == version_id)
+                              .order_by(Feature.feature_index)).tuples())
+
+
+def _current_readme(api, repo: str) -> str | None:
+    from huggingface_hub import errors as hf
+
+    with tempfile.TemporaryDirectory(prefix="saereg-card-") as tmp:
+        try:
+            local = api.hf_hub_download(repo, README_FILE, revision="main", cache_dir=tmp)
+        except hf.LocalEntryNotFoundError:
+            raise
+        except (hf.EntryNotFoundError, hf.RevisionNotFoundError):
+            return None
+        return Path(local).read_text(encoding="utf-8")
+
+
+def push(ref: str, repo: str, *, path: str | None = None, private: bool = False,
+         database_url: str | None = None) -> Publication:
+    """Publish catalog version ``ref`` to Hub repo ``repo`` at folder ``path`` (default: the SAE
+    name) and tag it ``NAME-vN``. Pushing a version already published there is a no-op."""
+    from registry.catalog import Catalog
+    from registry.store import ArtifactStore
+
+    validate_repo_id(repo)
+    cat = Catalog(database_url)
+    info = cat.get(ref)
+    path = validate_repo_path(info.name if path is None else path)
+    tag = f"{info.name}-v{info.number}"
+    row = _recorded(cat, info.id, "push", repo, path)
+    if row is not None:
+        return Publication(info.ref, repo, path, row.revision, row.commit, skipped=True)
+    api = _api()
+    with hub_errors(f"pushing {info.ref} to {repo}", repo):
+        api.create_repo(repo, private=private, exist_ok=True)
+        tags = {t.name: t.target_commit for t in api.list_repo_refs(repo).tags}
+        readme = _current_readme(api, repo)
+    with tempfile.TemporaryDirectory(prefix="saereg-push-") as tmp:
+        stage = Path(tmp) / "stage"
+        folder = stage / path if path else stage
+        folder.mkdir(parents=True)
+        ArtifactStore(info.artifact_uri).materialize(info.files, folder, where=info.ref)
+        write_features(folder / FEATURES_FILE, _feature_rows(cat, info.id))
+        files = {f: folder / f for f in (*SAE_FILES, FEATURES_FILE) if (folder / f).is_file()}
+        record = registry_record(info, files)
+        (folder / REGISTRY_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+        if tag in tags:  # tagged by an earlier push whose recording did not finish
+            commit = tags[tag]
+            _check_same(api, repo, path, commit, record, tag)
+        else:
+            index = read_index(readme)
+            index[path] = {"name": info.name, "version": info.number, "tag": tag,
+                           "model": info.model, "hook": info.hook,
+                           "architecture": info.architecture, "d_sae": info.d_sae,
+                           "l0": info.key_metrics.get("l0"),
+                           "explained_variance": info.key_metrics.get("explained_variance")}
+            (stage / README_FILE).write_text(render_card(repo, index, readme), encoding="utf-8")
+            with hub_errors(f"pushing {info.ref} to {repo}", repo), warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*commit a data file.*")
+                commit = api.upload_folder(repo_id=repo, folder_path=str(stage),
+                                           commit_message=f"Publish {info.ref} at {path or '.'}"
+                                           ).oid
+                api.create_tag(repo, tag=tag, revision=commit, tag_message=f"{info.ref}")
+    _record(cat, info.id, "push", repo, path, tag, commit)
+    return Publication(info.ref, repo, path, tag, commit)
+
+
+def _check_same(api, repo: str, path: str, commit: str, record: dict, tag: str) -> None:
+    from huggingface_hub import errors as hf
+
+    prefix = f"{path}/" if path else ""
+    with (hub_errors(f"reading {tag} of {repo}", repo, tag),
+          tempfile.TemporaryDirectory(prefix="saereg-tag-") as tmp):
+        try:
+            local = api.hf_hub_download(repo, prefix + REGISTRY_FILE, revision=commit,
+                                        cache_dir=tmp)
+            theirs = json.loads(Path(local).read_text()).get("files", {})
+        except hf.LocalEntryNotFoundError:
+            raise
+        except (hf.EntryNotFoundError, ValueError, AttributeError):
+            theirs = {}
+    mine = record["files"]
+    if any(theirs.get(f, {}).get("sha256") != mine[f]["sha256"] for f in SAE_FILES if f in mine):
+        raise HubError(f"tag {tag} already exists in {repo} and points at different files; "
+                       "refusing to overwrite a published version")
+
+
+def push_all(name: str, repo: str, *, path: str | None = None, private: bool = False,
+             database_url: str | None = None) -> list[Publication]:
+    """Push every version of SAE ``name`` not yet published to ``repo``, oldest first."""
+    from registry.catalog import Catalog
+
+    versions = [v for v in Catalog(database_url).list(name=parse_ref(name).name)
+                if v.name == name]
+    if not versions:
+        Catalog(database_url).get(name)  # raises the error that lists known SAEs
+    return [push(v.ref, repo, path=path, private=private, database_url=database_url)
+            for v in versions]
+
+
+# -- pull ------------------------------------------------------------------------------------
+
+def parse_repo_spec(spec: str) -> tuple[str, str | None]:
+    """``ORG/NAME[@REV]`` -> (repo, revision)."""
+    repo, sep, rev = str(spec).partition("@")
+    return validate_repo_id(repo), (validate_revision(rev) if sep else None)
+
+
+def _download(repo: str, revision: str, patterns: list[str]) -> Path:
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(repo, revision=revision, allow_patterns=patterns,
+                                  endpoint=_endpoint()))
+
+
+@dataclass
+class Pulled:
+    ref: str
+    repo: str
+    path: str
+    commit: str
+    added: bool
+
+
+def pull(spec: str, *, path: str | None = None, name: str | None = None,
+         database_url: str | None = None) -> list[Pulled]:
+    """Register the SAE folders of Hub repo ``ORG/NAME[@REV]`` (those under ``path``, if given)
+    into the catalog, with their metrics, lineage and features. Every file is checked against
+    registry.json before anything is recorded; a folder whose files are already a version of
+    the same SAE adds nothing."""
+    from registry.catalog import Catalog
+
+    repo, rev = parse_repo_spec(spec)
+    prefix = validate_repo_path(path or "")
+    api = _api()
+    with hub_errors(f"reading {repo}", repo, rev):
+        info = api.repo_info(repo, revision=rev)
+    commit = info.sha
+    names = [s.rfilename for s in info.siblings or []]
+    folders = sorted({n.rsplit("/", 1)[0] if "/" in n else "" for n in names
+                      if n.rsplit("/", 1)[-1] == "cfg.json"})
+    folders = [f for f in folders if not prefix or f == prefix or f.startswith(prefix + "/")]
+    if not folders:
+        raise NotFoundError("SAE folder", prefix or "(repo root)",
+                            hint=f"no cfg.json under it in {repo}@{rev or 'main'}")
+    if name is not None and len(folders) > 1:
+        raise UsageError(f"--name needs one SAE folder; {repo} has {len(folders)} under "
+                         f"{prefix or 'its root'} (pass --path)")
+    patterns = [f"{f}/{n}" if f else n for f in folders for n in PUBLISHED_FILES]
+    with hub_errors(f"downloading {repo}@{rev or 'main'}", repo, rev):
+        root = _download(repo, commit, patterns)
+    records = {f: verify_folder(root / f, f"hf://{repo}/{f}@{commit}") for f in folders}
+    cat = Catalog(database_url)
+    return [_register_pulled(cat, repo, f, commit, rev, root / f, records[f], name)
+            for f in folders]
+
+
+def _register_pulled(cat: Catalog, repo: str, folder: str, commit: str, rev: str | None,
+                     local: Path, record: dict | None, name: str | None) -> Pulled:
+    from registry.errors import SAENotFoundError
+    from registry.refs import validate_name
+    from registry.sources import read_folder
+
+    record = record or {}
+    name = validate_name(name or record.get("name") or folder.rsplit("/", 1)[-1] or
+                         repo.split("/")[1])
+    weights = sha256_file(local / "sae_weights.safetensors")
+    cfg_sha = sha256_file(local / "cfg.json")
+    try:
+        existing = cat.list(name=name)
+    except SAENotFoundError:
+        existing = []
+    for row in existing:
+        if row.name != name:
+            continue
+        v = cat.get(row.ref)
+        have = {f.name: f.sha256 for f in v.files}
+        if have.get("sae_weights.safetensors") == weights and have.get("cfg.json") == cfg_sha:
+            return Pulled(v.ref, repo, folder, commit, added=False)
+    src = read_folder(local)
+    lineage = record.get("lineage") or {}
+    src.kind, src.uri = "hub", f"hf://{repo}/{folder}@{commit}" if folder else \
+        f"hf://{repo}@{commit}"
+    src.metrics = {k: float(v) for k, v in (record.get("metrics") or {}).items()
+                   if isinstance(v, (int, float))}
+    src.dataset = lineage.get("dataset") or src.dataset
+    src.training_tokens = lineage.get("training_tokens") or src.training_tokens
+    src.context_size = lineage.get("context_size") or src.context_size
+    tags = {"hub.repo": repo, "hub.path": folder or ".", "hub.commit": commit}
+    if record.get("version") is not None:
+        tags["hub.version"] = str(record["version"])
+    if lineage.get("mlflow_run_id"):
+        tags["hub.mlflow_run_id"] = str(lineage["mlflow_run_id"])
+    cat._precheck(name, tags, None)
+    info = cat._register(src, name, tags=tags, note=None, parent=None)
+    _record(cat, info.id, "pull", repo, folder, rev or commit, commit)
+    return Pulled(info.ref, repo, folder, commit, added=True)
+
+
+# -- hf:// references ------------------------------------------------------------------------
+
+def download_ref(ref: str) -> tuple[Path, str]:
+    """Download (or find in huggingface_hub's cache) the files of an ``hf://`` reference,
+    checked against its registry.json; returns the local folder and a description."""
+    parsed = parse_ref(ref)
+    if parsed.kind != "hub":
+        raise UsageError(f"{ref!r} is not an hf:// reference")
+    prefix = f"{parsed.repo_path}/" if parsed.repo_path else ""
+    rev = parsed.revision or "main"
+    with hub_errors(f"downloading {ref}", parsed.repo, rev):
+        root = _download(parsed.repo, rev, [prefix + n for n in PUBLISHED_FILES])
+    folder = root / parsed.repo_path if parsed.repo_path else root
+    if not (folder / "cfg.json").is_file():
+        raise NotFoundError("SAE folder", parsed.repo_path or "(repo root)",
+                            hint=f"no cfg.json there in {parsed.repo}@{rev}")
+    verify_folder(folder, ref)
+    return folder, ref

@@ -1,0 +1,119 @@
+"""What a pushed SAE carries besides its SAELens files: ``registry.json`` (name, version,
+sha256 of every file, metrics, lineage), ``features.parquet`` (one row per latent) and the
+repo's README model card (YAML metadata and a table of every SAE in the repo).
+
+The card keeps a machine-readable index of the repo's SAEs in an HTML comment, so a later push
+adds its row without downloading every ``registry.json`` of the repo.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+REGISTRY_FILE = "registry.json"
+FEATURES_FILE = "features.parquet"
+README_FILE = "README.md"
+REGISTRY_FORMAT = "saereg.registry/1"
+_INDEX_RE = re.compile(r"<!-- saereg-index\n(.*?)\n-->", re.DOTALL)
+_HUB_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_features(path: Path, rows: list[tuple[int, float | None]]) -> None:
+    """features.parquet: ``feature_index`` (int32) and ``log10_firing_rate`` (float64, null
+    when unknown). Readers ignore columns they do not know (labels and statistics will be
+    added as further columns)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table({"feature_index": pa.array([r[0] for r in rows], pa.int32()),
+                      "log10_firing_rate": pa.array([r[1] for r in rows], pa.float64())})
+    pq.write_table(table, path)
+
+
+def read_features(path: Path) -> list[tuple[int, float | None]]:
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path, columns=["feature_index", "log10_firing_rate"])
+    return list(zip(table.column(0).to_pylist(), table.column(1).to_pylist()))
+
+
+def registry_record(info, files: dict[str, Path]) -> dict[str, Any]:
+    """registry.json for a catalog version (``info``: a VersionInfo) whose files are ``files``
+    (name -> local path)."""
+    return {
+        "format": REGISTRY_FORMAT,
+        "name": info.name,
+        "version": info.number,
+        "uid": info.uid,
+        "status": info.status,
+        "files": {name: {"sha256": sha256_file(p), "size": p.stat().st_size}
+                  for name, p in sorted(files.items())},
+        "metrics": info.metrics,
+        "key_metrics": info.key_metrics,
+        "lineage": {"model": info.model, "hook": info.hook, "architecture": info.architecture,
+                    "d_in": info.d_in, "d_sae": info.d_sae, "dataset": info.dataset,
+                    "training_tokens": info.training_tokens, "context_size": info.context_size,
+                    "mlflow_run_id": info.mlflow_run_id, "parent": info.parent},
+        "tags": info.tags,
+        "created_at": info.created_at.isoformat() if info.created_at else None,
+    }
+
+
+def read_index(readme: str | None) -> dict[str, dict[str, Any]]:
+    if not readme:
+        return {}
+    m = _INDEX_RE.search(readme)
+    if not m:
+        return {}
+    try:
+        data = json.loads(m.group(1))
+    except ValueError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    return "-" if value is None else f"{float(value):.{digits}f}"
+
+
+def render_card(repo: str, index: dict[str, dict[str, Any]], old: str | None = None) -> str:
+    """The README: YAML metadata, a table of the repo's SAEs, the index comment. Text a user
+    wrote below the generated part of an existing card is kept."""
+    models = sorted({e["model"] for e in index.values() if e.get("model")})
+    hub_models = [m for m in models if _HUB_ID_RE.fullmatch(m)]
+    yaml = ["---", "library_name: saelens", "tags:", "- sae", "- sparse-autoencoder",
+            "- saereg"]
+    if hub_models:
+        yaml += ["base_model:"] + [f"- {json.dumps(m)}" for m in hub_models]
+    yaml.append("---")
+    lines = [*yaml, "", f"# {repo}", "",
+             ("Sparse autoencoders published with sae-registry, in the SAELens layout: load one "
+              "with `sae_lens.SAE.load_from_disk` on a downloaded folder, or with "
+              f"`registry.api.load_sae(\"hf://{repo}/PATH@TAG\")`. Each folder's registry.json "
+              "lists the sha256 of every file, the metrics and the lineage."), "",
+             ("| path | SAE | version | tag | model | hook | architecture | d_sae | L0 | "
+              "explained variance |"),
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for path in sorted(index):
+        e = index[path]
+        lines.append(f"| {path or '.'} | {e.get('name')} | {e.get('version')} | {e.get('tag')} "
+                     f"| {e.get('model')} | {e.get('hook')} | {e.get('architecture')} | "
+                     f"{e.get('d_sae')} | {_fmt(e.get('l0'), 1)} | "
+                     f"{_fmt(e.get('explained_variance'))} |")
+    lines += ["", "<!-- saereg-index", json.dumps(index, sort_keys=True), "-->", ""]
+    tail = ""
+    if old and "<!-- saereg-end -->" in old:
+        tail = old.split("<!-- saereg-end -->", 1)[1]
+    return "\n".join(lines) + "<!-- saereg-end -->" + (tail or "\n")

@@ -1,0 +1,133 @@
+"""The MLflow Model Registry mirror of the catalog.
+
+Every catalog version is also a version of the MLflow registered model named like the SAE:
+its source is the run's ``sae/`` artifact (``runs:/<run id>/sae``) or, for versions without a
+run, the folder of stored files in the artifact store. Aliases are mirrored. Model versions
+carry the tags ``saereg.catalog`` (the catalog's id), ``saereg.uid`` (the catalog version's
+id) and ``saereg.version`` (its catalog number), which is how ``saereg gc`` finds MLflow
+versions whose catalog transaction never committed.
+
+The catalog drives the order (see :mod:`registry.catalog`): open the transaction, write here,
+commit; undo here if the commit fails. Every failure here is raised as :class:`MirrorError`.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from registry.errors import MirrorError, redact
+from registry.paths import mlflow_tracking_uri
+
+MANAGED_TAG = "saereg.managed"
+
+
+class MlflowMirror:
+    def __init__(self, tracking_uri: str | None = None):
+        self.uri = tracking_uri or mlflow_tracking_uri()
+
+    @functools.cached_property
+    def client(self):
+        from mlflow import MlflowClient
+
+        return MlflowClient(tracking_uri=self.uri)
+
+    @contextmanager
+    def _errors(self, what: str) -> Iterator[None]:
+        try:
+            yield
+        except MirrorError:
+            raise
+        except Exception as e:  # noqa: BLE001 - any failure of the MLflow side
+            first = redact((str(e).strip().splitlines() or [type(e).__name__])[0])[:400]
+            raise MirrorError(f"MLflow model registry at {redact(self.uri)}: {what} failed: "
+                              f"{first}") from e
+
+    def warm(self) -> None:
+        """Open the MLflow stores now (a fresh process spends a moment here), so that the
+        catalog's write lock is not held meanwhile; fails early if MLflow is unreachable."""
+        with self._errors("connecting"):
+            self.client.search_registered_models(max_results=1)
+
+    def create_version(self, name: str, source: str, run_id: str | None,
+                       tags: dict[str, str], description: str = "") -> tuple[str, bool]:
+        """Create a model version; returns (MLflow version, whether the model was created)."""
+        from mlflow.exceptions import MlflowException
+
+        created = False
+        with self._errors(f"registering a version of {name!r}"):
+            try:
+                self.client.get_registered_model(name)
+            except MlflowException as e:
+                if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+                    raise
+                self.client.create_registered_model(
+                    name, tags={MANAGED_TAG: "true"},
+                    description="SAE versions mirrored from the sae-registry catalog")
+                created = True
+            try:
+                mv = self.client.create_model_version(name, source, run_id=run_id, tags=tags,
+                                                       description=description or None,
+                                                       await_creation_for=0)
+            except BaseException:
+                if created:
+                    self._quiet(self.client.delete_registered_model, name)
+                raise
+        return str(mv.version), created
+
+    def delete_version(self, name: str, version: str, drop_model: bool = False) -> None:
+        """Undo :meth:`create_version` (best effort: what cannot be undone now is left for
+        ``saereg gc``, with a warning)."""
+        if not self._quiet(self.client.delete_model_version, name, version):
+            warnings.warn(f"MLflow version {version} of {name!r} could not be removed after the "
+                          "catalog side failed; `saereg gc` will remove it", stacklevel=3)
+        elif drop_model:
+            self._quiet(self.client.delete_registered_model, name)
+
+    def set_alias(self, name: str, alias: str, version: str) -> None:
+        with self._errors(f"setting alias {alias!r} of {name!r}"):
+            self.client.set_registered_model_alias(name, alias, version)
+
+    def delete_alias(self, name: str, alias: str) -> None:
+        from mlflow.exceptions import MlflowException
+
+        with self._errors(f"deleting alias {alias!r} of {name!r}"):
+            try:
+                self.client.delete_registered_model_alias(name, alias)
+            except MlflowException as e:
+                if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+                    raise
+
+    def set_version_tags(self, name: str, version: str, tags: dict[str, str]) -> None:
+        with self._errors(f"tagging version {version} of {name!r}"):
+            for key, value in tags.items():
+                self.client.set_model_version_tag(name, version, key, value)
+
+    def delete_version_tags(self, name: str, version: str, keys: list[str]) -> None:
+        with self._errors(f"untagging version {version} of {name!r}"):
+            for key in keys:
+                self.client.delete_model_version_tag(name, version, key)
+
+    def stale_versions(self, catalog_id: str, known_uids: set[str],
+                       min_age: float) -> list[tuple[str, str]]:
+        """(name, version) of MLflow versions made for this catalog whose catalog version never
+        committed (a process died between the two writes), at least ``min_age`` seconds old."""
+        with self._errors("listing model versions"):
+            versions = self.client.search_model_versions(
+                f"tags.`saereg.catalog` = '{catalog_id}'")
+        now_ms = time.time() * 1000
+        return [(v.name, str(v.version)) for v in versions
+                if v.tags.get("saereg.catalog") == catalog_id
+                and v.tags.get("saereg.uid") not in known_uids
+                and now_ms - (v.creation_timestamp or 0) >= min_age * 1000]
+
+    @staticmethod
+    def _quiet(fn, *args) -> bool:
+        try:
+            fn(*args)
+            return True
+        except Exception:  # noqa: BLE001 - compensation must not hide the original error
+            return False

@@ -1,0 +1,212 @@
+"""What a registration reads: an SAE folder (this project's or SAELens's), or an MLflow run.
+
+Everything here only reads and checks; nothing is written. A folder is checked without torch:
+``cfg.json`` is parsed and the shapes come from the safetensors header, so a folder whose
+config disagrees with its tensors is refused before a single byte is stored.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from registry.errors import NotFoundError, SAEFormatError, SaeRegError, UsageError, redact
+
+CFG_FILE = "cfg.json"
+WEIGHTS_FILE = "sae_weights.safetensors"
+SPARSITY_FILE = "sparsity.safetensors"
+SAE_FILES = (CFG_FILE, WEIGHTS_FILE, SPARSITY_FILE)
+ARCHITECTURES = {"standard": "relu", "relu": "relu", "topk": "topk", "batchtopk": "batchtopk",
+                 "jumprelu": "jumprelu", "gated": "gated", "matryoshka": "matryoshka"}
+RUN_ARTIFACT = "sae"
+MAX_HEADER = 100 << 20
+
+
+@dataclass
+class Source:
+    """A checked SAE ready to be stored and recorded."""
+
+    folder: Path
+    files: list[str]
+    cfg: dict[str, Any]
+    model: str
+    hook: str
+    architecture: str
+    d_in: int
+    d_sae: int
+    kind: str                       # "folder" or "mlflow-run"
+    uri: str                        # the folder path or runs:/<id>/sae
+    log10_rates: list[float] | None = None
+    run_id: str | None = None
+    params: dict[str, str] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    dataset: str | None = None
+    training_tokens: int | None = None
+    context_size: int | None = None
+
+
+def safetensors_header(path: Path) -> dict[str, Any]:
+    """The JSON header of a safetensors file (tensor names -> dtype, shape, offsets)."""
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if not 0 < n <= MAX_HEADER:
+                raise ValueError(f"header length {n}")
+            header = json.loads(f.read(n))
+    except (OSError, ValueError, struct.error) as e:
+        raise SAEFormatError(f"{path} is not a readable safetensors file: {e}") from e
+    header.pop("__metadata__", None)
+    return header
+
+
+def read_log10_rates(path: Path, d_sae: int) -> list[float]:
+    """The ``sparsity`` tensor (log10 firing rate per latent) as floats, without torch."""
+    import numpy as np
+
+    header = safetensors_header(path)
+    info = header.get("sparsity") or (next(iter(header.values())) if len(header) == 1 else None)
+    if info is None:
+        raise SAEFormatError(f"{path} has no 'sparsity' tensor")
+    shape = [int(s) for s in info["shape"]]
+    if int(np.prod(shape)) != d_sae:
+        raise SAEFormatError(f"{path}: sparsity has shape {shape} but d_sae is {d_sae}")
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        start, end = info["data_offsets"]
+        f.seek(8 + n + start)
+        raw = f.read(end - start)
+    dtype = info["dtype"]
+    if dtype == "BF16":
+        values = (np.frombuffer(raw, "<u2").astype(np.uint32) << 16).view(np.float32)
+    elif dtype in ("F16", "F32", "F64"):
+        values = np.frombuffer(raw, {"F16": "<f2", "F32": "<f4", "F64": "<f8"}[dtype])
+    else:
+        raise SAEFormatError(f"{path}: sparsity has unsupported dtype {dtype}")
+    return [float(v) for v in values.astype(np.float64)]
+
+
+def _expected_shapes(arch: str, d_in: int, d_sae: int) -> dict[str, tuple[tuple[int, ...], ...]]:
+    shapes = {"W_enc": ((d_in, d_sae),), "W_dec": ((d_sae, d_in),), "b_dec": ((d_in,),)}
+    if arch != "gated":
+        shapes["b_enc"] = ((d_sae,),)
+    if arch == "jumprelu":
+        shapes["threshold"] = ((d_sae,), ())
+    if arch == "gated":
+        shapes.update(b_gate=((d_sae,),), b_mag=((d_sae,),), r_mag=((d_sae,),))
+    return shapes
+
+
+def read_folder(folder: str | Path, *, model: str | None = None, hook: str | None = None,
+                run_tags: dict[str, str] | None = None) -> Source:
+    """Check an SAE folder and describe it (nothing is written)."""
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise UsageError(f"{folder}: no such directory")
+    cfg_path = folder / CFG_FILE
+    if not cfg_path.is_file():
+        raise SAEFormatError(f"{folder} is not an SAE folder: {CFG_FILE} is missing")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (OSError, ValueError) as e:
+        raise SAEFormatError(f"cannot read {cfg_path}: {e}") from e
+    if not isinstance(cfg, dict):
+        raise SAEFormatError(f"{cfg_path} is not a JSON object")
+    meta = cfg.get("metadata") if isinstance(cfg.get("metadata"), dict) else {}
+    d_in, d_sae = cfg.get("d_in"), cfg.get("d_sae")
+    for key, value in (("d_in", d_in), ("d_sae", d_sae)):
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise SAEFormatError(f"{cfg_path}: {key} must be a positive integer; got {value!r}")
+    file_arch = cfg.get("architecture", "standard")
+    if file_arch not in ARCHITECTURES:
+        raise SAEFormatError(f"{cfg_path}: unsupported architecture {file_arch!r}")
+    arch = ARCHITECTURES.get(meta.get("training_architecture") or "", ARCHITECTURES[file_arch])
+    if file_arch == "topk":
+        k = cfg.get("k")
+        if not isinstance(k, int) or not 0 < k < d_sae:
+            raise SAEFormatError(f"{cfg_path}: topk needs an integer k in 1..{d_sae - 1}; "
+                                 f"got {k!r}")
+    weights = folder / WEIGHTS_FILE
+    if not weights.is_file():
+        raise SAEFormatError(f"{folder} lacks {WEIGHTS_FILE}")
+    header = safetensors_header(weights)
+    for tensor, allowed in _expected_shapes(file_arch, d_in, d_sae).items():
+        if tensor not in header:
+            raise SAEFormatError(f"{weights} lacks tensor {tensor} (architecture {file_arch})")
+        shape = tuple(int(s) for s in header[tensor]["shape"])
+        if shape not in allowed:
+            raise SAEFormatError(
+                f"{folder}: {CFG_FILE} says d_in={d_in}, d_sae={d_sae} but {tensor} has shape "
+                f"{shape} (expected {allowed[0]}); refusing to register it")
+    rates = None
+    files = [CFG_FILE, WEIGHTS_FILE]
+    if (folder / SPARSITY_FILE).is_file():
+        rates = read_log10_rates(folder / SPARSITY_FILE, d_sae)
+        files.append(SPARSITY_FILE)
+    tags = run_tags or {}
+    model = model or meta.get("model_name") or cfg.get("model_name") or tags.get("model")
+    hook = hook or meta.get("hook_name") or cfg.get("hook_name") or tags.get("hook")
+    if not model:
+        raise UsageError(f"{cfg_path} names no language model (metadata.model_name); pass "
+                         "--model")
+    if not hook:
+        raise UsageError(f"{cfg_path} names no hook point (metadata.hook_name); pass --hook")
+    tokens = meta.get("training_tokens") or cfg.get("training_tokens")
+    context = meta.get("context_size") or cfg.get("context_size")
+    return Source(folder=folder, files=files, cfg=cfg, model=str(model), hook=str(hook),
+                  architecture=arch, d_in=d_in, d_sae=d_sae, kind="folder",
+                  uri=str(folder.resolve()), log10_rates=rates,
+                  dataset=meta.get("dataset_path") or cfg.get("dataset_path"),
+                  training_tokens=int(tokens) if isinstance(tokens, (int, float)) else None,
+                  context_size=int(context) if isinstance(context, int) else None)
+
+
+def _int_or_none(value: str | None) -> int | None:
+    try:
+        return int(float(value)) if value not in (None, "", "None") else None
+    except ValueError:
+        return None
+
+
+def read_run(client, run_id: str, workdir: Path) -> Source:
+    """Download the run's ``sae/`` artifact into ``workdir`` and describe it with the run's
+    params, tags and final metrics. ``client`` is an ``mlflow.MlflowClient``."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run = client.get_run(run_id)
+    except MlflowException as e:
+        if getattr(e, "error_code", "") in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            raise NotFoundError("MLflow run", run_id,
+                                hint=f"tracking store {redact(client.tracking_uri)}") from None
+        raise SaeRegError(f"cannot read MLflow run {run_id}: "
+                         f"{redact(str(e).splitlines()[0])}") from e
+    if run.info.status != "FINISHED":
+        raise UsageError(f"MLflow run {run_id} is {run.info.status}; only FINISHED runs can be "
+                         "registered")
+    try:
+        names = {a.path for a in client.list_artifacts(run_id, RUN_ARTIFACT)}
+    except MlflowException as e:
+        raise SaeRegError(f"cannot list artifacts of run {run_id}: "
+                         f"{redact(str(e).splitlines()[0])}") from e
+    if f"{RUN_ARTIFACT}/{CFG_FILE}" not in names:
+        raise SAEFormatError(f"MLflow run {run_id} has no SAE folder (artifact "
+                             f"{RUN_ARTIFACT}/{CFG_FILE} is missing)")
+    local = Path(client.download_artifacts(run_id, RUN_ARTIFACT, str(workdir)))
+    tags = dict(run.data.tags)
+    src = read_folder(local, run_tags=tags)
+    meta = src.cfg.get("metadata") or {}
+    if meta.get("mlflow_run_id") not in (None, "", run_id):
+        raise SAEFormatError(f"the SAE folder of run {run_id} says it was trained in run "
+                             f"{meta['mlflow_run_id']}; refusing to mix them up")
+    params = dict(run.data.params)
+    src.kind, src.uri, src.run_id = "mlflow-run", f"runs:/{run_id}/{RUN_ARTIFACT}", run_id
+    src.params = params
+    src.metrics = {k: float(v) for k, v in run.data.metrics.items()}
+    src.dataset = src.dataset or params.get("job.dataset") or None
+    src.training_tokens = src.training_tokens or _int_or_none(params.get("job.tokens"))
+    src.context_size = src.context_size or _int_or_none(params.get("job.context_size"))
+    return src
+

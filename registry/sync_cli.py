@@ -1,0 +1,55 @@
+"""``saereg sync push`` and ``saereg sync pull``: the Hugging Face Hub side of the catalog.
+
+Only click is imported at module level; huggingface_hub, the catalog and torch load when a
+command runs.
+"""
+
+from __future__ import annotations
+
+import click
+
+from registry.errors import UsageError
+
+
+@click.group()
+def sync() -> None:
+    """Hugging Face Hub: push versions to a repo (SAELens layout plus registry.json,
+    features.parquet and a model card), pull published SAEs into the catalog.
+
+    Credentials: HF_TOKEN or huggingface_hub's stored login; HF_ENDPOINT picks the server."""
+
+
+@sync.command("push")
+@click.argument("ref")
+@click.option("--repo", required=True, help="Hub repo id, ORG/NAME (created if missing).")
+@click.option("--path", default=None, help="Folder in the repo (default: the SAE name).")
+@click.option("--private", is_flag=True, help="Create the repo private.")
+@click.option("--all", "all_versions", is_flag=True,
+              help="REF is an SAE name: push every version not yet published.")
+def sync_push(ref: str, repo: str, path: str | None, private: bool, all_versions: bool) -> None:
+    """Publish version REF (NAME, NAME@3, NAME@prod) to a Hub repo, tagged NAME-vN."""
+    from registry import hub
+
+    if all_versions:
+        if "@" in ref:
+            raise UsageError(f"--all takes an SAE name, not a version ({ref!r})")
+        pubs = hub.push_all(ref, repo, path=path, private=private)
+    else:
+        pubs = [hub.push(ref, repo, path=path, private=private)]
+    for p in pubs:
+        state = "already published" if p.skipped else "published"
+        click.echo(f"{p.ref}: {state} to {p.repo}/{p.path or '.'} @ {p.revision} "
+                   f"(commit {p.commit[:12]})")
+
+
+@sync.command("pull")
+@click.argument("spec", metavar="ORG/NAME[@REV]")
+@click.option("--path", default=None, help="Only the SAE folder(s) under this path.")
+@click.option("--name", default=None, help="Catalog name for the pulled SAE (one folder only).")
+def sync_pull(spec: str, path: str | None, name: str | None) -> None:
+    """Register the SAEs of a Hub repo into the local catalog, checksums verified."""
+    from registry import hub
+
+    for p in hub.pull(spec, path=path, name=name):
+        state = "registered as" if p.added else "already in the catalog as"
+        click.echo(f"hf://{p.repo}/{p.path}@{p.commit[:12]}: {state} {p.ref}")

@@ -1,0 +1,120 @@
+"""Helpers for catalog tests: SAE folders and MLflow runs written the way a training job
+writes them, file hashes and row counts."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import time
+from pathlib import Path
+
+CATALOG_TABLES = ("version_evals", "feature_neighbors", "steering_runs", "steering_presets", "feature_labels", "feature_stats",
+                  "stats_runs", "publications", "version_notes", "version_tags", "features", "alias_events",
+                  "aliases", "version_files", "sae_versions", "saes", "language_models")
+TRACKING_EXPERIMENT = "sae-registry"
+PG_SERVER = os.environ.get("SAEREG_TEST_POSTGRES_URL")
+
+
+def make_sae_folder(path: Path, *, d_in: int = 16, d_sae: int = 64, arch: str = "topk",
+                    k: int | None = 4, seed: int = 0, model: str = "tiny-llama",
+                    hook: str = "model.layers.1", sparsity: bool = True,
+                    extra_metadata: dict | None = None) -> Path:
+    """An SAE folder as ``registry.sae_files.save_sae`` writes it (random weights)."""
+    import torch
+
+    from registry.sae import K_ARCHITECTURES, SAEConfig, build_sae
+    from registry.sae_files import save_sae
+
+    cfg = SAEConfig(d_in=d_in, d_sae=d_sae, architecture=arch,
+                    k=k if arch in K_ARCHITECTURES else None,
+                    metadata={"model_name": model, "hook_name": hook, **(extra_metadata or {})})
+    sae = build_sae(cfg, seed=seed)
+    rates = None
+    if sparsity:
+        g = torch.Generator().manual_seed(seed)
+        rates = -torch.rand(d_sae, generator=g) * 6
+    return save_sae(sae, path, log_sparsity=rates, overwrite=True)
+
+
+def log_training_run(client, folder_parent: Path, *, seed: int = 0, d_sae: int = 64, k: int = 4,
+                     hook: str = "model.layers.1", model: str = "tiny-llama",
+                     metrics: dict[str, float] | None = None, tokens: int = 32768) -> str:
+    """An MLflow run shaped like a training job's SAE run: params job.* and sae.*, tags model,
+    hook, architecture, saereg.job_id, final eval metrics, and the SAE folder as ``sae/``."""
+    from mlflow.entities import Metric, Param
+
+    from registry.paths import mlflow_artifact_root
+
+    exp = client.get_experiment_by_name(TRACKING_EXPERIMENT)
+    exp_id = exp.experiment_id if exp else client.create_experiment(
+        TRACKING_EXPERIMENT, artifact_location=f"{mlflow_artifact_root()}/{TRACKING_EXPERIMENT}")
+    run = client.create_run(exp_id, run_name=f"topk-k{k}-s{seed}", tags={
+        "model": model, "hook": hook, "architecture": "topk", "saereg.job_id": "job-test"})
+    rid = run.info.run_id
+    folder = make_sae_folder(folder_parent / rid, d_sae=d_sae, k=k, seed=seed, model=model,
+                             hook=hook, extra_metadata={
+                                 "mlflow_run_id": rid, "dataset_path": "saereg:default-corpus",
+                                 "training_tokens": tokens, "context_size": 64})
+    params = {"job.model": model, "job.dataset": "", "job.tokens": str(tokens),
+              "job.context_size": "64", "sae.hook": hook, "sae.architecture": "topk",
+              "sae.k": str(k), "sae.expansion": str(d_sae // 16), "sae.seed": str(seed)}
+    final = {"eval/explained_variance": 0.8, "eval/l0": float(k), "eval/ce_loss_score": 0.9,
+             "eval/kl_div": 0.05, "eval/mse": 0.1, "eval/shrinkage": 0.95,
+             "final/dead_fraction": 0.02, "explained_variance": 0.78, "l0": float(k),
+             **(metrics or {})}
+    ts = int(time.time() * 1000)
+    client.log_batch(rid, params=[Param(a, b) for a, b in params.items()],
+                     metrics=[Metric(a, float(b), ts, 64) for a, b in final.items()])
+    client.log_artifacts(rid, str(folder), "sae")
+    client.set_terminated(rid, "FINISHED")
+    return rid
+
+
+def sha256_of(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def table_counts(url: str | None = None) -> dict[str, int]:
+    from sqlalchemy import text
+
+    from registry import db
+
+    with db.get_engine(url).connect() as conn:
+        return {t: conn.execute(text(f"SELECT count(*) FROM {t}")).scalar()
+                for t in CATALOG_TABLES}
+
+
+# -- PostgreSQL databases made for tests ----------------------------------------------------------
+
+def pg_admin_engine():
+    from sqlalchemy import create_engine
+
+    return create_engine(PG_SERVER, isolation_level="AUTOCOMMIT")
+
+
+def create_pg_database(prefix: str = "saereg_test") -> str:
+    """CREATE DATABASE <prefix>_<random> on the test server; returns its URL."""
+    from sqlalchemy import text
+    from sqlalchemy.engine import make_url
+
+    name = f"{prefix}_{secrets.token_hex(4)}"
+    engine = pg_admin_engine()
+    with engine.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    engine.dispose()
+    return make_url(PG_SERVER).set(database=name).render_as_string(hide_password=False)
+
+
+def drop_pg_database(url: str) -> None:
+    from sqlalchemy import text
+    from sqlalchemy.engine import make_url
+
+    from registry import db
+
+    db.dispose_all()
+    engine = pg_admin_engine()
+    with engine.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{make_url(url).database}" WITH (FORCE)'))
+    engine.dispose()

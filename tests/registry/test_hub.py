@@ -1,0 +1,333 @@
+"""Hub sync through the real, unmodified huggingface_hub client against a hub-compatible HTTP
+server on 127.0.0.1 (tests/hubserver.py): `saereg sync push` uploads the SAELens files,
+registry.json (sha256 of every file, metrics, lineage), features.parquet and a README model card
+(YAML metadata, a table with L0 and explained variance), tags NAME-vN and records the
+publication; re-pushing is a no-op and --all pushes only what is missing; `saereg sync pull`
+into a second, empty SAEREG_HOME registers identical weights, features and metrics with the
+source repo and commit, and pulling twice adds nothing; load_sae("hf://...") loads a pinned
+revision, also with HF_HUB_OFFLINE=1 once cached, and sae_lens loads the pulled folder and
+encodes the same. Bad repo ids, unknown revisions, a tampered file and a server error in the
+middle of an upload each give one clear error and record nothing; a retry completes. The HF
+token reaches the server but no output, file, catalog or MLflow store."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+
+import pytest
+import torch
+from catalog_helpers import log_training_run, table_counts
+from click.testing import CliRunner
+from hubserver import HubServer
+from sqlalchemy import select
+
+from registry import db
+from registry.api import load_sae
+from registry.catalog import Catalog
+from registry.cli import cli
+from registry.errors import ChecksumError, HubError, NotFoundError, UsageError
+from registry.hub import pull, push
+from registry.models import Publication
+
+SECRET = "hf_TESTSECRETtoken0123456789"
+REPO = "acme/tiny-saes"
+
+
+@pytest.fixture
+def hub(monkeypatch, tmp_path):
+    """The test hub server, with huggingface_hub online, pointed at it, Xet off, its own cache
+    and a token in HF_TOKEN."""
+    import huggingface_hub.constants as c
+
+    srv = HubServer().start()
+    hf_home = tmp_path / "hf-home"
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    env = {"HF_ENDPOINT": srv.url, "HF_HUB_DISABLE_XET": "1", "HF_HOME": str(hf_home),
+           "HF_HUB_CACHE": str(hf_home / "hub"), "HF_TOKEN": SECRET}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    patches = {"HF_HUB_OFFLINE": False, "ENDPOINT": srv.url, "HF_HUB_DISABLE_XET": True,
+               "HUGGINGFACE_CO_URL_TEMPLATE": srv.url + "/{repo_id}/resolve/{revision}/{filename}",
+               "HF_HOME": str(hf_home), "HF_HUB_CACHE": str(hf_home / "hub"),
+               "HF_TOKEN_PATH": str(hf_home / "token"),
+               "HF_STORED_TOKENS_PATH": str(hf_home / "stored_tokens")}
+    for key, value in patches.items():
+        monkeypatch.setattr(c, key, value)
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def home(mlflow_store, monkeypatch):
+    """The SQLite catalog of this test's SAEREG_HOME with two versions of ``tiny`` (registered
+    from training-shaped MLflow runs, so they carry metrics and lineage)."""
+    monkeypatch.delenv("SAEREG_DATABASE_URL", raising=False)
+    cat = Catalog()
+    from registry.paths import saereg_home
+
+    work = saereg_home() / "work"
+    for seed in (1, 2):
+        rid = log_training_run(mlflow_store, work, seed=seed,
+                               metrics={"eval/l0": 4.0 + seed, "eval/explained_variance": 0.7})
+        cat.register_run(rid, "tiny")
+    yield cat
+    db.dispose_all()
+
+
+def switch_home(path, mlflow_template, monkeypatch) -> Catalog:
+    """A second, empty SAEREG_HOME (with a migrated MLflow store)."""
+    db.dispose_all()
+    path.mkdir(parents=True)
+    monkeypatch.setenv("SAEREG_HOME", str(path))
+    shutil.copy(mlflow_template, path / "mlflow.db")
+    return Catalog()
+
+
+def features_of(version_id: int) -> list[tuple[int, float | None]]:
+    from registry.models import Feature
+
+    with db.session() as s:
+        return list(s.execute(select(Feature.feature_index, Feature.log10_firing_rate)
+                              .where(Feature.version_id == version_id)
+                              .order_by(Feature.feature_index)).tuples())
+
+
+def sh(*args: str):
+    return CliRunner().invoke(cli, list(args))
+
+
+def publications() -> list[tuple]:
+    with db.session() as s:
+        return list(s.execute(select(Publication.direction, Publication.repo, Publication.path,
+                                     Publication.revision, Publication.commit)).tuples())
+
+
+def test_push_then_pull_round_trip(hub, home, tmp_path, mlflow_template, monkeypatch):
+    v1, v2 = home.get("tiny@1"), home.get("tiny@2")
+    result = sh("sync", "push", "tiny@1", "--repo", REPO)
+    assert result.exit_code == 0, result.output
+    assert "published to acme/tiny-saes/tiny @ tiny-v1" in result.output
+    files = hub.files(REPO, "tiny-v1")
+    assert {"tiny/cfg.json", "tiny/sae_weights.safetensors", "tiny/sparsity.safetensors",
+            "tiny/registry.json", "tiny/features.parquet", "README.md"} <= set(files)
+    record = json.loads(files["tiny/registry.json"])
+    import hashlib
+    for name, meta in record["files"].items():
+        assert hashlib.sha256(files[f"tiny/{name}"]).hexdigest() == meta["sha256"]
+    assert {f.name: f.sha256 for f in v1.files} == {
+        k: v["sha256"] for k, v in record["files"].items() if k != "features.parquet"}
+    assert record["metrics"] == v1.metrics and record["version"] == 1
+    assert record["lineage"]["mlflow_run_id"] == v1.mlflow_run_id
+    assert record["lineage"]["training_tokens"] == 32768
+    # the weights went through the LFS batch + PUT path, cfg.json inline in the commit
+    assert ("PUT", "lfs-upload") in hub.state.requests
+    card = files["README.md"].decode()
+    assert card.startswith("---\nlibrary_name: saelens\ntags:\n- sae\n")
+    assert "| tiny | tiny | 1 | tiny-v1 | tiny-llama | model.layers.1 | topk | 64 | 5.0 | 0.700 |" \
+        in card
+    [(direction, repo, path, rev, commit)] = publications()
+    assert (direction, repo, path, rev) == ("push", REPO, "tiny", "tiny-v1")
+    assert hub.state.repos[REPO].tags["tiny-v1"] == commit
+
+    commits = len(hub.state.repos[REPO].commits)
+    again = sh("sync", "push", "tiny@1", "--repo", REPO)
+    assert again.exit_code == 0 and "already published" in again.output
+    assert len(hub.state.repos[REPO].commits) == commits and len(publications()) == 1
+    result = sh("sync", "push", "tiny", "--all", "--repo", REPO)
+    assert result.exit_code == 0, result.output
+    assert "tiny@1: already published" in result.output and "tiny@2: published" in result.output
+    assert set(hub.state.repos[REPO].tags) == {"tiny-v1", "tiny-v2"}
+    assert "| tiny | tiny | 2 | tiny-v2 |" in hub.files(REPO)["README.md"].decode()
+    assert len(publications()) == 2
+
+    # pull into a second, empty home
+    other = switch_home(tmp_path / "other-home", mlflow_template, monkeypatch)
+    result = sh("sync", "pull", f"{REPO}@tiny-v1")
+    assert result.exit_code == 0, result.output
+    assert "registered as tiny@1" in result.output
+    p1 = other.get("tiny@1")
+    assert {f.name: f.sha256 for f in p1.files} == {f.name: f.sha256 for f in v1.files}
+    assert p1.metrics == v1.metrics and p1.key_metrics == v1.key_metrics
+    assert (p1.dataset, p1.training_tokens) == (v1.dataset, v1.training_tokens)
+    assert p1.source_kind == "hub" and p1.source_uri == \
+        f"hf://{REPO}/tiny@{hub.state.repos[REPO].tags['tiny-v1']}"
+    assert p1.tags["hub.repo"] == REPO and p1.tags["hub.version"] == "1"
+    assert len(features_of(p1.id)) == 64
+    assert torch.equal(load_sae("tiny@1").W_enc, load_sae("hf://acme/tiny-saes/tiny@tiny-v1").W_enc)
+    counts = table_counts()
+    result = sh("sync", "pull", f"{REPO}@tiny-v1")
+    assert result.exit_code == 0 and "already in the catalog as tiny@1" in result.output
+    assert table_counts() == counts
+    [pulled] = pull(f"{REPO}@tiny-v2")
+    assert pulled.added and pulled.ref == "tiny@2"
+    assert other.get("tiny@2").metrics == v2.metrics
+    assert [p[0] for p in publications()] == ["pull", "pull"]
+
+
+def test_features_parquet_matches_the_catalog(hub, home):
+    push("tiny@1", REPO)
+    import io
+
+    import pyarrow.parquet as pq
+    table = pq.read_table(io.BytesIO(hub.files(REPO)["tiny/features.parquet"]))
+    assert table.column_names[:2] == ["feature_index", "log10_firing_rate"]
+    rows = list(zip(table.column(0).to_pylist(), table.column(1).to_pylist()))
+    assert rows == features_of(home.get("tiny@1").id) and len(rows) == 64
+
+
+def test_load_hf_ref_pinned_and_offline(hub, home, monkeypatch):
+    push("tiny@1", REPO)
+    push("tiny@2", REPO)
+    ref = f"hf://{REPO}/tiny@tiny-v1"
+    sae = load_sae(ref)
+    assert torch.equal(sae.W_dec, load_sae("tiny@1").W_dec)
+    assert not torch.equal(sae.W_dec, load_sae(f"hf://{REPO}/tiny").W_dec)  # main is v2
+    import huggingface_hub.constants as c
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    hub.stop()
+    assert torch.equal(load_sae(ref).W_dec, sae.W_dec)
+    with pytest.raises(HubError, match="not in the local huggingface_hub cache"):
+        load_sae(f"hf://{REPO}/tiny@tiny-v9")
+
+
+def test_sae_lens_loads_the_pulled_folder(hub, home):
+    sae_lens = pytest.importorskip("sae_lens")
+    push("tiny@1", REPO)
+    from registry.hub import download_ref
+    folder, _ = download_ref(f"hf://{REPO}/tiny@tiny-v1")
+    theirs = sae_lens.SAE.load_from_disk(str(folder), device="cpu")
+    ours = load_sae(f"hf://{REPO}/tiny@tiny-v1")
+    x = torch.randn(32, 16)
+    with torch.no_grad():
+        assert torch.allclose(theirs.encode(x), ours.encode(x), atol=1e-5)
+        assert torch.allclose(theirs.decode(ours.encode(x)), ours.decode(ours.encode(x)),
+                              atol=1e-5)
+
+
+@pytest.mark.parametrize("repo", ["acme/../etc", "../acme/x", "acme/x/y", "acme/na me",
+                                  "acme/x;rm", "acme", "acme/--x", "/acme/x"])
+def test_bad_repo_ids_are_refused_before_any_request(hub, home, repo):
+    result = sh("sync", "push", "tiny@1", "--repo", repo)
+    assert result.exit_code == 2 and "invalid Hub repo id" in result.output
+    with pytest.raises(UsageError):
+        pull(repo)
+    if repo.count("/") == 1 and not repo.startswith("/"):  # hf:// takes the first two parts
+        with pytest.raises(UsageError):
+            load_sae(f"hf://{repo}/x")
+    assert hub.state.requests == [] and publications() == []
+
+
+def test_bad_paths_and_revisions(hub, home):
+    for path in ("../x", "a/../../b", "a//b", "a b"):
+        result = sh("sync", "push", "tiny@1", "--repo", REPO, "--path", path)
+        assert result.exit_code == 2 and "invalid path" in result.output
+    push("tiny@1", REPO)
+    result = sh("sync", "pull", f"{REPO}@no-such-tag")
+    assert result.exit_code == 1
+    assert "unknown revision 'no-such-tag'" in result.output and "Traceback" not in result.output
+    with pytest.raises(NotFoundError, match="unknown Hub repo 'acme/nothing'"):
+        pull("acme/nothing")
+    with pytest.raises(NotFoundError, match="SAE folder"):
+        pull(REPO, path="elsewhere")
+    assert [p[0] for p in publications()] == ["push"]
+
+
+def test_checksum_mismatch_on_pull_records_nothing(hub, home, tmp_path, mlflow_template,
+                                                   monkeypatch):
+    push("tiny@1", REPO)
+    weights = bytearray(hub.files(REPO)["tiny/sae_weights.safetensors"])
+    weights[-1] ^= 0xFF
+    hub.state.tamper(REPO, "tiny/sae_weights.safetensors", bytes(weights))
+    switch_home(tmp_path / "other-home", mlflow_template, monkeypatch)
+    Catalog().list()  # creates the empty catalog
+    counts = table_counts()
+    result = sh("sync", "pull", REPO)
+    assert result.exit_code == 1
+    assert "checksum mismatch for sae_weights.safetensors" in result.output
+    assert table_counts() == counts and set(counts.values()) == {0}
+    with pytest.raises(ChecksumError):
+        load_sae(f"hf://{REPO}/tiny")
+
+
+@pytest.mark.parametrize("route", ["commit", "tag"])
+def test_server_error_mid_upload_then_retry(hub, home, route):
+    """The weights reached the server through LFS; then the commit (or the tag) failed."""
+    hub.state.fail_next(route)
+    result = sh("sync", "push", "tiny@1", "--repo", REPO)
+    assert result.exit_code == 1 and "500" in result.output
+    assert result.output.count("Error: ") == 1 and "Traceback" not in result.output
+    assert SECRET not in result.output
+    assert ("PUT", "lfs-upload") in hub.state.requests
+    assert publications() == []
+    hub.state.failures.clear()
+    result = sh("sync", "push", "tiny@1", "--repo", REPO)
+    assert result.exit_code == 0, result.output
+    [(_, _, _, rev, commit)] = publications()
+    assert hub.state.repos[REPO].tags[rev] == commit
+    assert "tiny/sae_weights.safetensors" in hub.files(REPO, rev)
+
+
+def test_token_is_sent_but_never_kept(hub, home, caplog):
+    import logging
+    caplog.set_level(logging.DEBUG)
+    push("tiny@1", REPO)
+    hub.state.fail_next("commit")
+    with pytest.raises(HubError) as err:
+        push("tiny@2", REPO)
+    assert f"Bearer {SECRET}" in hub.state.auth_headers
+    assert SECRET not in str(err.value) and SECRET not in caplog.text
+    for content in hub.files(REPO).values():
+        assert SECRET.encode() not in content
+    from registry.paths import saereg_home
+    for f in saereg_home().rglob("*"):
+        if f.is_file():
+            assert SECRET.encode() not in f.read_bytes(), f
+
+
+def test_help_does_not_import_the_hub_client():
+    import subprocess
+    code = ("import sys; from click.testing import CliRunner; from registry.cli import cli; "
+            "r = CliRunner().invoke(cli, ['sync', '--help']); assert r.exit_code == 0, r.output; "
+            "bad = [m for m in ('torch', 'mlflow', 'huggingface_hub', 'transformers') "
+            "if m in sys.modules]; assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_tag_left_by_an_unrecorded_push_is_recorded_not_repushed(hub, home):
+    first = push("tiny@1", REPO, private=True)
+    assert hub.state.repos[REPO].private
+    with db.session() as s:  # as if the process died between the tag and the catalog write
+        s.query(Publication).delete()
+        s.commit()
+    commits = len(hub.state.repos[REPO].commits)
+    again = push("tiny@1", REPO)
+    assert (again.commit, again.revision, again.skipped) == (first.commit, "tiny-v1", False)
+    assert len(hub.state.repos[REPO].commits) == commits and len(publications()) == 1
+    with db.session() as s:
+        s.query(Publication).delete()
+        s.commit()
+    with pytest.raises(HubError, match="tag tiny-v1 already exists .* different files"):
+        push("tiny@1", REPO, path="elsewhere")  # same tag, but its files are not at this path
+    assert publications() == []
+
+
+def test_pull_a_plain_saelens_repo(hub, home, tmp_path):
+    """A repo without registry.json (as most SAE releases are): registered with provenance."""
+    from catalog_helpers import make_sae_folder
+    from huggingface_hub import HfApi
+
+    stage = tmp_path / "stage"
+    make_sae_folder(stage / "blocks.6.hook_resid_post", model="gpt2", hook="blocks.6", seed=3)
+    api = HfApi(endpoint=hub.url)
+    api.create_repo("someone/gpt2-saes")
+    commit = api.upload_folder(repo_id="someone/gpt2-saes", folder_path=str(stage)).oid
+    [pulled] = pull("someone/gpt2-saes")
+    v = home.get(pulled.ref)
+    assert pulled.ref == "blocks.6.hook_resid_post@1" and v.model == "gpt2"
+    assert v.source_uri == f"hf://someone/gpt2-saes/blocks.6.hook_resid_post@{commit}"
+    assert v.tags["hub.commit"] == commit and "hub.version" not in v.tags
+    assert [p.added for p in pull("someone/gpt2-saes")] == [False]

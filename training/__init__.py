@@ -1,0 +1,1 @@
+"""Training SAEs on language-model activations (Lightning + MLflow)."""

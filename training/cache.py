@@ -1,0 +1,310 @@
+"""An on-disk activation cache: harvest once, train many times without the language model.
+
+Layout of a cache folder::
+
+    manifest.json              provenance and the list of finished shards
+    shard-00000.safetensors    one tensor per hook ([n, d], float32) + "token_ids" ([n], int64)
+    heldout.safetensors        the same for held-out text (evaluation without the model)
+
+Each shard holds the activations of the non-special positions of whole context windows, with
+the token id of every row. Shards are written to a temporary name and renamed into place, and
+the manifest (rewritten atomically after every shard) lists only finished shards; its
+``complete`` flag turns true at the very end. A cache whose writer died is therefore never
+taken for a finished one: training refuses it, and running the same ``cache`` command again
+resumes after its last finished shard.
+
+:class:`CacheStream` feeds the trainer from a cache through the same shuffling buffer as
+:class:`training.activations.ActivationStream`, so the training module does not change.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from registry.errors import ConfigError, DatasetError
+from training.activations import ActivationStream
+
+MANIFEST = "manifest.json"
+FORMAT = "saereg-activation-cache/1"
+HELDOUT = "heldout.safetensors"
+
+
+def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _save_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+def read_manifest(path: str | Path, *, require_complete: bool = True) -> dict[str, Any]:
+    """The manifest of the cache at ``path``; one clear error for anything that is not a
+    finished cache."""
+    folder = Path(path).expanduser()
+    f = folder / MANIFEST
+    if not f.is_file():
+        raise ConfigError(f"{folder} is not an activation cache (no {MANIFEST}); "
+                          f"make one with: saereg cache MODEL --hook H --tokens N --out {folder}")
+    try:
+        manifest = json.loads(f.read_text())
+    except ValueError as e:
+        raise ConfigError(f"{f} is not valid JSON: {e}") from e
+    if manifest.get("format") != FORMAT:
+        raise ConfigError(f"{folder}: unknown cache format {manifest.get('format')!r}")
+    if require_complete and not manifest.get("complete"):
+        raise ConfigError(f"activation cache {folder} is incomplete ({manifest.get('tokens', 0)} "
+                          f"of {manifest.get('target_tokens')} tokens); finish it by running "
+                          f"the same saereg cache command again")
+    missing = [s["file"] for s in manifest.get("shards", []) if not (folder / s["file"]).is_file()]
+    if missing:
+        raise ConfigError(f"activation cache {folder} lacks shard files: {', '.join(missing[:3])}")
+    return manifest
+
+
+@dataclass
+class CacheSource:
+    """Stands in for the language model when training from a cache (name and device)."""
+
+    path: Path
+    manifest: dict[str, Any]
+    device: torch.device
+
+    @property
+    def name(self) -> str:
+        return self.manifest["model"]
+
+    @property
+    def hooks(self) -> list[str]:
+        return list(self.manifest["hooks"])
+
+    @property
+    def d_ins(self) -> dict[str, int]:
+        return {h: int(d) for h, d in self.manifest["d_in"].items()}
+
+
+def load_shard(folder: Path, name: str, hooks: list[str]) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    data = load_file(str(folder / name))
+    return {h: data[h] for h in [*hooks, "token_ids"]}
+
+
+class CacheStream(ActivationStream):
+    """Batches ``{hook: Tensor[batch_tokens, d]}`` read from a cache's shards, mixed through the
+    same buffer as the model stream. ``windows_consumed`` counts shards, so a resumed job
+    continues after the shards it has read; the shards are read again in a new pass if the
+    token budget exceeds the cache."""
+
+    def __init__(self, source: CacheSource, hooks: list[str], *, batch_tokens: int,
+                 buffer_tokens: int, seed: int = 0, skip_shards: int = 0, device=None,
+                 max_epochs: int = 1000):
+        missing = [h for h in hooks if h not in source.hooks]
+        if missing:
+            raise ConfigError(f"hook {missing[0]} is not in the cache {source.path}; it holds "
+                              f"{', '.join(source.hooks)}")
+        self.source = source
+        self.lm = None
+        self.hooks = list(hooks)
+        self.batch_tokens = batch_tokens
+        self.capacity = max(buffer_tokens, 2 * batch_tokens)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.windows_consumed = skip_shards
+        self.tokens_harvested = 0
+        self.epoch = 0
+        self.max_epochs = max_epochs
+        self.buffer: dict[str, torch.Tensor] = {}
+        self.pending: dict[str, torch.Tensor] = {}
+        self._lm_iter = None
+        self._shards = [s["file"] for s in source.manifest["shards"]]
+        if not self._shards:
+            raise DatasetError(f"activation cache {source.path} holds no shards")
+
+    def _lm_batches(self) -> Iterator[str]:
+        while self.epoch < self.max_epochs:
+            for i in range(self.windows_consumed % len(self._shards), len(self._shards)):
+                self.windows_consumed = i + 1
+                yield self._shards[i]
+            self.epoch += 1
+            self.windows_consumed = 0
+            print(f"[saereg] cache exhausted; starting pass {self.epoch + 1} over it",
+                  file=sys.stderr)
+        raise DatasetError(f"the cache ran out after {self.max_epochs} passes")
+
+    def harvest(self, shard: str) -> dict[str, torch.Tensor]:  # type: ignore[override]
+        data = load_shard(self.source.path, shard, self.hooks)
+        out = {h: data[h].to(self.device, torch.float32) for h in self.hooks}
+        self.tokens_harvested += int(data["token_ids"].shape[0])
+        return out
+
+
+def cache_provenance(lm, hooks: list[str], *, dataset: str | None, text_column: str | None,
+                     context_size: int) -> dict[str, Any]:
+    from training.lm import hook_dim
+
+    tok = lm.tokenizer
+    return {
+        "model": lm.name, "model_source": lm.source, "hooks": list(hooks),
+        "d_in": {h: hook_dim(lm, h) for h in hooks},
+        "dataset": dataset or "saereg:default-corpus", "text_column": text_column,
+        "context_size": context_size, "dtype": "float32",
+        "tokenizer": {"class": type(tok).__name__, "name_or_path": str(tok.name_or_path),
+                      "vocab_size": len(tok), "bos_token_id": tok.bos_token_id,
+                      "eos_token_id": tok.eos_token_id},
+        "special_positions": "excluded (BOS, EOS, padding)",
+    }
+
+
+def _fmt(n: float) -> str:
+    return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}k" if n >= 1e3 else f"{n:.0f}"
+
+
+def write_cache(lm, hooks: list[str], out: str | Path, tokens: int, *,
+                dataset: str | None = None, text_column: str | None = None,
+                context_size: int = 128, lm_batch_size: int = 8, shard_tokens: int = 65536,
+                heldout_tokens: int = 8192, progress: bool = True, stream=None) -> dict[str, Any]:
+    """Harvest ``tokens`` activations of ``hooks`` into the folder ``out`` (resumable).
+
+    Running it again on an incomplete cache with the same provenance continues after the
+    last finished shard; a different model, hooks, dataset or context size is refused."""
+    from training.data import TokenWindows
+    from training.lm import ActivationCapture, resolve_hooks, special_token_mask
+
+    if tokens <= 0 or shard_tokens <= 0:
+        raise ConfigError("--tokens and --shard-tokens must be positive")
+    hooks = resolve_hooks(lm, hooks)
+    folder = Path(out).expanduser()
+    prov = cache_provenance(lm, hooks, dataset=dataset, text_column=text_column,
+                            context_size=context_size)
+    if (folder / MANIFEST).is_file():
+        manifest = read_manifest(folder, require_complete=False)
+        changed = [k for k in prov if manifest.get(k) != prov[k]]
+        if changed:
+            raise ConfigError(f"{folder} holds a cache with another {', '.join(changed)}; "
+                              f"choose another --out folder")
+        if manifest["complete"]:
+            raise ConfigError(f"{folder} already holds a complete cache "
+                              f"({manifest['tokens']} tokens)")
+        manifest["target_tokens"] = tokens
+    elif folder.exists() and any(folder.iterdir()):
+        raise ConfigError(f"{folder} exists and is not empty; choose another --out folder")
+    else:
+        folder.mkdir(parents=True, exist_ok=True)
+        manifest = {"format": FORMAT, **prov, "target_tokens": tokens, "tokens": 0,
+                    "windows": 0, "complete": False, "shards": [], "heldout": None,
+                    "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        _write_json_atomic(folder / MANIFEST, manifest)
+    capture = ActivationCapture(lm, hooks)
+    out_stream = stream or sys.stderr
+
+    def harvest(ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        acts = capture(ids)
+        keep = ~special_token_mask(lm.tokenizer, ids)
+        rows = {h: acts[h][keep.to(acts[h].device)].float().cpu() for h in hooks}
+        rows["token_ids"] = ids[keep].long().cpu()
+        return rows
+
+    def flush(chunks: dict[str, list[torch.Tensor]], name: str, windows: tuple[int, int]) -> int:
+        tensors = {k: torch.cat(v) for k, v in chunks.items()}
+        n = int(tensors["token_ids"].shape[0])
+        _save_atomic(tensors, folder / name, {"windows": f"{windows[0]}-{windows[1]}"})
+        return n
+
+    windows = TokenWindows(lm.tokenizer, context_size, dataset=dataset, text_column=text_column,
+                           skip_windows=manifest["windows"])
+    t0, done0, last = time.perf_counter(), manifest["tokens"], 0.0
+    chunks: dict[str, list[torch.Tensor]] = {k: [] for k in [*hooks, "token_ids"]}
+    size = nwin = 0
+    batches = windows.batches(lm_batch_size)
+    while manifest["tokens"] < tokens:
+        item = next(batches, None)
+        if item is None and size == 0:
+            raise DatasetError(f"the dataset ran out after {manifest['tokens']} tokens; give "
+                               f"more text or fewer --tokens (the cache so far stays resumable)")
+        if item is not None:
+            rows = harvest(item[0])
+            for k, v in rows.items():
+                chunks[k].append(v)
+            size += int(rows["token_ids"].shape[0])
+            nwin += int(item[0].shape[0])
+        if size >= shard_tokens or item is None or manifest["tokens"] + size >= tokens:
+            name = f"shard-{len(manifest['shards']):05d}.safetensors"
+            span = [manifest["windows"], manifest["windows"] + nwin]
+            n = flush(chunks, name, (span[0], span[1]))
+            manifest["shards"].append({"file": name, "tokens": n, "windows": span})
+            manifest["tokens"] += n
+            manifest["windows"] += nwin
+            _write_json_atomic(folder / MANIFEST, manifest)
+            chunks = {k: [] for k in chunks}
+            size = nwin = 0
+        now = time.perf_counter()
+        if progress and (now - last >= 2.0 or manifest["tokens"] >= tokens):
+            last = now
+            done = manifest["tokens"] + size
+            rate = (done - done0) / max(now - t0, 1e-9)
+            eta = (tokens - done) / rate if rate > 0 else float("nan")
+            eta_s = f"{int(eta // 60):02d}:{int(eta % 60):02d}" if eta == eta else "--:--"
+            print(f"[cache] {_fmt(done)}/{_fmt(tokens)} tokens  {rate:,.0f} tok/s  ETA {eta_s}",
+                  file=out_stream, flush=True)
+        if item is None:
+            break
+    if heldout_tokens > 0 and manifest.get("heldout") is None:
+        held = TokenWindows(lm.tokenizer, context_size, dataset=dataset,
+                            text_column=text_column, held_out=True)
+        hchunks: dict[str, list[torch.Tensor]] = {k: [] for k in [*hooks, "token_ids"]}
+        got = 0
+        for ids, _ in held.batches(lm_batch_size):
+            rows = harvest(ids)
+            for k, v in rows.items():
+                hchunks[k].append(v)
+            got += int(rows["token_ids"].shape[0])
+            if got >= heldout_tokens:
+                break
+        if got:
+            flush(hchunks, HELDOUT, (0, 0))
+            manifest["heldout"] = {"file": HELDOUT, "tokens": got}
+    manifest["complete"] = True
+    _write_json_atomic(folder / MANIFEST, manifest)
+    return manifest
+
+
+@torch.no_grad()
+def evaluate_from_cache(source: CacheSource, saes: dict[str, tuple[str, Any]],
+                        max_tokens: int) -> dict[str, dict[str, float]]:
+    """Reconstruction metrics on the cache's held-out activations (no model, so no CE-loss
+    score or KL): explained_variance, mse per element, l0, shrinkage, dead_fraction."""
+    held = source.manifest.get("heldout")
+    if not held or max_tokens <= 0:
+        return {sid: {} for sid in saes}
+    hooks = list(dict.fromkeys(h for h, _ in saes.values()))
+    data = load_shard(source.path, held["file"], hooks)
+    out: dict[str, dict[str, float]] = {}
+    for sid, (hook, sae) in saes.items():
+        x = data[hook][:max_tokens].to(source.device, torch.float32)
+        acts = sae.encode(x)
+        x_hat = sae.decode(acts)
+        resid = (x - x_hat).pow(2).sum()
+        total = (x - x.mean(0, keepdim=True)).pow(2).sum().clamp_min(1e-12)
+        out[sid] = {
+            "explained_variance": float(1 - resid / total),
+            "mse": float(resid / x.numel()),
+            "l0": float((acts > 0).sum(-1).float().mean()),
+            "shrinkage": float((x_hat.norm(dim=-1) / x.norm(dim=-1).clamp_min(1e-12)).mean()),
+            "dead_fraction": float(((acts > 0).sum(0) == 0).float().mean()),
+        }
+    return out

@@ -1,0 +1,281 @@
+"""A training job from start to finish: validate, track, train, evaluate, save.
+
+Everything that can be checked is checked before anything is created (model, hooks, k < d_sae,
+token budget). A job lives in ``$SAEREG_HOME/runs/<job id>/``: ``job.json`` (config, MLflow run
+ids, status), ``checkpoints/last.ckpt`` and, when finished, ``saes/<sae id>/`` in the SAELens
+layout. A job that stops early (error, NaN, interrupt) marks its MLflow runs FAILED or KILLED and
+keeps its last good checkpoint; ``resume`` continues it with the same step count and runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from registry.errors import ConfigError, SaeRegError
+from registry.paths import runs_dir
+from training.config import TrainConfig, flat_params
+
+DEFAULT_CORPUS_NAME = "saereg:default-corpus"
+
+
+@dataclass
+class SAEResult:
+    sae_id: str
+    hook: str
+    architecture: str
+    d_sae: int
+    k: int | None
+    run_id: str
+    folder: Path
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class TrainResult:
+    job_dir: Path
+    parent_run_id: str
+    tracking_uri: str
+    saes: list[SAEResult]
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def read_job(job_dir: Path) -> dict[str, Any]:
+    f = Path(job_dir) / "job.json"
+    if not f.is_file():
+        raise ConfigError(f"{job_dir} is not a training job folder (no job.json)")
+    return json.loads(f.read_text())
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device != "auto":
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError(f"--device {device}: CUDA is not available on this machine")
+        return device
+    if torch.cuda.is_available():
+        return "cuda"
+    return "cpu"
+
+
+def prepare_cache(cfg: TrainConfig):
+    """Read the cache's manifest (it stands in for the model); returns (source, d_ins)."""
+    import torch
+
+    from training.cache import CacheSource, read_manifest
+
+    manifest = read_manifest(cfg.from_cache)
+    source = CacheSource(Path(cfg.from_cache).expanduser().resolve(), manifest,
+                         torch.device(resolve_device(cfg.device)))
+    known = source.hooks
+    for spec in cfg.saes:
+        if spec.hook not in known:
+            by_layer = [h for h in known if h.rsplit(".", 1)[-1] == spec.hook.strip()]
+            if len(by_layer) != 1:
+                raise ConfigError(f"hook {spec.hook} is not in the cache {cfg.from_cache}; it "
+                                  f"holds {', '.join(known)}")
+            spec.hook = by_layer[0]
+        spec.resolve(source.d_ins[spec.hook])
+    cfg.model = manifest["model"]
+    cfg.context_size = int(manifest["context_size"])
+    if manifest.get("dataset") != DEFAULT_CORPUS_NAME:
+        cfg.dataset = manifest.get("dataset")
+    TrainConfig.__post_init__(cfg)
+    return source, {h: source.d_ins[h] for h in cfg.hooks}
+
+
+def prepare(cfg: TrainConfig):
+    """Load the model and check every SAE against it; returns (lm, d_ins)."""
+    import torch
+
+    from training.lm import hook_dim, load_lm, resolve_hooks
+
+    if cfg.from_cache:
+        return prepare_cache(cfg)
+    device = resolve_device(cfg.device)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16,
+             "float16": torch.float16}.get(cfg.dtype)
+    if dtype is None:
+        raise ConfigError(f"--dtype must be float32, bfloat16 or float16; got {cfg.dtype!r}")
+    check_dataset(cfg)
+    lm = load_lm(cfg.model, device=device, dtype=dtype)
+    resolved = dict(zip(cfg.hooks, resolve_hooks(lm, cfg.hooks)))
+    for spec in cfg.saes:
+        spec.hook = resolved[spec.hook]
+    d_ins = {h: hook_dim(lm, h) for h in cfg.hooks}
+    for spec in cfg.saes:
+        spec.resolve(d_ins[spec.hook])
+    if cfg.context_size > lm.context_limit:
+        raise ConfigError(f"--context-size {cfg.context_size} exceeds the model's limit "
+                          f"({lm.context_limit})")
+    TrainConfig.__post_init__(cfg)  # re-check after hook names were resolved
+    return lm, d_ins
+
+
+def check_dataset(cfg: TrainConfig) -> None:
+    """Read the first document now, so a bad dataset fails before anything is created."""
+    from registry.errors import DatasetError
+    from training.data import iter_documents
+
+    if next(iter(iter_documents(cfg.dataset, text_column=cfg.text_column)), None) is None:
+        raise DatasetError(f"dataset {cfg.dataset} has no documents")
+
+
+def run_training(cfg: TrainConfig | None = None, *, resume: Path | None = None,
+                 progress: bool = True, progress_stream=None) -> TrainResult:
+    """Train every SAE in ``cfg`` from one pass; or continue the job folder ``resume``."""
+    import logging
+
+    import lightning as L
+
+    from training.module import ActivationDataModule, SAETrainingModule
+    from training.progress import ProgressCallback
+    from training.tracking import Tracker, TrackingCallback
+
+    state: dict[str, Any]
+    if resume is not None:
+        job_dir = Path(resume)
+        state = read_job(job_dir)
+        if state.get("status") == "finished":
+            raise ConfigError(f"job {job_dir.name} already finished; nothing to resume")
+        cfg = TrainConfig.from_dict(state["config"])
+    elif cfg is None:
+        raise ConfigError("run_training needs a config or a job folder to resume")
+    lm, d_ins = prepare(cfg)
+
+    if resume is None:
+        job_id = time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
+        job_dir = runs_dir() / job_id
+        job_dir.mkdir(parents=True)
+        state = {"job_id": job_id, "config": cfg.to_dict(), "status": "running", "runs": {}}
+        _write_json(job_dir / "job.json", state)
+
+    tracker = Tracker(cfg.experiment)
+    if resume is None:
+        parent = tracker.start_run(cfg.run_name or f"job {state['job_id']}",
+                                   {"model": cfg.model, "dataset": cfg.dataset or DEFAULT_CORPUS_NAME,
+                                    "tokens": str(cfg.tokens), "n_saes": str(len(cfg.saes))},
+                                   {"saereg.job_id": state["job_id"], "model": lm.name})
+        runs = {}
+        for spec in cfg.saes:
+            runs[spec.sae_id()] = tracker.start_run(
+                spec.sae_id(), flat_params(cfg, spec),
+                {"model": lm.name, "hook": spec.hook, "architecture": spec.architecture,
+                 "saereg.job_id": state["job_id"]}, parent_id=parent)
+        state.update(parent_run=parent, runs=runs)
+        _write_json(job_dir / "job.json", state)
+    else:
+        parent, runs = state["parent_run"], state["runs"]
+        for rid in [parent, *runs.values()]:
+            tracker.reopen(rid)
+        state["status"] = "running"
+        _write_json(job_dir / "job.json", state)
+
+    metadata = {spec.sae_id(): sae_metadata(cfg, lm, spec, runs[spec.sae_id()]) for spec in cfg.saes}
+    module = SAETrainingModule(cfg.to_dict(), d_ins, metadata)
+    dm = ActivationDataModule(lm, cfg, cache=lm if cfg.from_cache else None)
+    tracking = TrackingCallback(tracker, runs, parent)
+    callbacks = [
+        L.pytorch.callbacks.ModelCheckpoint(dirpath=job_dir / "checkpoints", filename="last",
+                                            every_n_train_steps=cfg.checkpoint_every,
+                                            save_top_k=1, enable_version_counter=False),
+        tracking,
+    ]
+    if progress:
+        callbacks.append(ProgressCallback(cfg.tokens, cfg.batch_tokens, stream=progress_stream))
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    accelerator = "gpu" if lm.device.type == "cuda" else "cpu"
+    trainer = L.Trainer(max_steps=cfg.total_steps, max_epochs=-1, accelerator=accelerator,
+                        devices=1, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0,
+                        default_root_dir=job_dir, callbacks=callbacks)
+    ckpt = job_dir / "checkpoints" / "last.ckpt"
+    try:
+        trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt) if resume and ckpt.exists() else None)
+        if trainer.interrupted or trainer.global_step < cfg.total_steps:
+            raise SaeRegError(f"training stopped at step {trainer.global_step} of "
+                              f"{cfg.total_steps}; resume with: saereg train --resume {job_dir}")
+        results = finish(cfg, lm, module, tracker, runs, job_dir, progress_stream)
+    except BaseException as e:
+        tracking.mark_failed(e)
+        state["status"] = "failed"
+        state["error"] = str(e)[:2000]
+        _write_json(job_dir / "job.json", state)
+        raise
+    tracker.finish(parent)
+    state.update(status="finished", saes={r.sae_id: str(r.folder) for r in results})
+    _write_json(job_dir / "job.json", state)
+    return TrainResult(job_dir=job_dir, parent_run_id=parent, tracking_uri=tracker.uri, saes=results)
+
+
+def sae_metadata(cfg: TrainConfig, lm, spec, run_id: str) -> dict[str, Any]:
+    return {
+        "model_name": lm.name,
+        "hook_name": spec.hook,
+        "hook_head_index": None,
+        "context_size": cfg.context_size,
+        "prepend_bos": True,
+        "exclude_special_tokens": True,
+        "dataset_path": cfg.dataset or DEFAULT_CORPUS_NAME,
+        "training_tokens": cfg.tokens,
+        "mlflow_run_id": run_id,
+        "seed": spec.seed,
+        **({"activation_cache": str(cfg.from_cache)} if cfg.from_cache else {}),
+    }
+
+
+def finish(cfg: TrainConfig, lm, module, tracker, runs: dict[str, str], job_dir: Path,
+           progress_stream=None) -> list[SAEResult]:
+    """Evaluate on held-out text, write SAE folders and plots, log them, close the runs."""
+    import torch
+
+    from registry.sae_files import save_sae
+    from training.data import TokenWindows
+    from training.evaluate import evaluate_saes
+    from training.tracking import density_histogram_png
+
+    module = module.to(lm.device).eval()
+    saes = {sid: (module.specs[sid].hook, sae) for sid, sae in module.saes.items()}
+    metrics: dict[str, dict[str, float]] = {sid: {} for sid in saes}
+    if cfg.from_cache:
+        from training.cache import evaluate_from_cache
+
+        metrics = evaluate_from_cache(lm, saes, cfg.eval_tokens)
+    elif cfg.eval_tokens > 0:
+        windows = TokenWindows(lm.tokenizer, cfg.context_size, dataset=cfg.dataset,
+                               text_column=cfg.text_column, held_out=True)
+        batches = (ids for ids, _ in windows.batches(cfg.lm_batch_size))
+        metrics = evaluate_saes(lm, saes, batches, cfg.eval_tokens)
+    out = []
+    step = cfg.total_steps  # finish() runs only once every step is done
+    cfg_file = job_dir / "config.json"
+    cfg_file.write_text(json.dumps(cfg.to_dict(), indent=2, default=str) + "\n")
+    for sid, (hook, sae) in saes.items():
+        rid = runs[sid]
+        rate = module.stats[sid].firing_rate()
+        log_sparsity = torch.log10(rate + 1e-10).float()
+        folder = save_sae(sae, job_dir / "saes" / sid, log_sparsity=log_sparsity, overwrite=True)
+        png = density_histogram_png(log_sparsity.numpy(), job_dir / f"{sid}-density.png",
+                                    f"{sid}: feature density")
+        final = {f"eval/{k}": v for k, v in metrics.get(sid, {}).items()}
+        final["final/dead_fraction"] = float((rate == 0).double().mean())
+        tracker.log_metrics(rid, final, step)
+        tracker.log_artifacts(rid, folder, "sae")
+        tracker.log_artifact(rid, png, "plots")
+        tracker.log_artifact(rid, cfg_file, "config")
+        tracker.finish(rid)
+        out.append(SAEResult(sae_id=sid, hook=hook, architecture=sae.cfg.architecture,
+                             d_sae=sae.cfg.d_sae, k=sae.cfg.k, run_id=rid, folder=folder,
+                             metrics=metrics.get(sid, {})))
+    return out
