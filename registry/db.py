@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import TypeVar
@@ -93,8 +94,7 @@ def _create_engine(url: str) -> Engine:
         try:
             cur.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
             cur.execute("PRAGMA foreign_keys = ON")
-            if cur.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
-                cur.execute("PRAGMA journal_mode = WAL")
+            _ensure_wal(cur, parsed.database)
         finally:
             cur.close()
 
@@ -169,7 +169,7 @@ def ensure_schema(engine: Engine) -> None:
             "version of sae-registry does not know (it was made by a newer one); upgrade "
             "sae-registry")
     if engine.dialect.name == "sqlite":
-        with _file_lock(engine):
+        with _file_lock(engine.url.database):
             if _current(engine) != head:
                 migrate.upgrade_engine(engine, "head")
         return
@@ -186,11 +186,42 @@ def _current(engine: Engine) -> str | None:
         return MigrationContext.configure(conn).get_current_revision()
 
 
+def _ensure_wal(cur, database: str | None) -> None:  # noqa: ANN001 - a sqlite3 cursor
+    """Switch the catalog file to WAL (a persistent setting of the file) once.
+
+    The switch needs an exclusive lock, and SQLite answers "database is locked" at once,
+    without waiting on the busy timeout, when another connection holds the file (as when
+    several processes open a brand-new catalog together). So the switch runs under the
+    catalog's file lock, and a busy answer is retried with backoff.
+    """
+    delay = 0.02
+    for attempt in range(1, RETRY_ATTEMPTS * 4 + 1):
+        try:
+            if cur.execute("PRAGMA journal_mode").fetchone()[0].lower() == "wal":
+                return
+            with _file_lock(database):
+                cur.execute("PRAGMA journal_mode = WAL")
+            return
+        except Exception as e:  # noqa: BLE001 - sqlite3.OperationalError, without importing it
+            if not is_retryable(e) or attempt == RETRY_ATTEMPTS * 4:
+                raise
+        time.sleep(delay * random.uniform(0.5, 1.5))
+        delay = min(delay * 2, 0.5)
+
+
+_path_locks: dict[str, threading.RLock] = {}
+_held_counts: dict[str, int] = {}
+_path_locks_guard = threading.Lock()
+
+
 @contextlib.contextmanager
-def _file_lock(engine: Engine) -> Iterator[None]:
-    """An exclusive lock on ``<catalog>.lock`` next to a SQLite catalog file."""
-    db = engine.url.database
-    if not db or db == ":memory:":
+def _file_lock(database: str | None) -> Iterator[None]:
+    """An exclusive lock on ``<catalog>.lock`` next to a SQLite catalog file.
+
+    Re-entrant within one thread (a migration under the lock opens new connections, whose
+    set-up takes the lock again); other threads and other processes wait.
+    """
+    if not database or database == ":memory:":
         yield
         return
     try:
@@ -198,9 +229,22 @@ def _file_lock(engine: Engine) -> Iterator[None]:
     except ImportError:  # pragma: no cover - Windows: SQLite's own lock has to do
         yield
         return
-    with open(os.path.abspath(db) + ".lock", "a+") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+    path = os.path.abspath(database) + ".lock"
+    with _path_locks_guard:
+        local = _path_locks.setdefault(path, threading.RLock())
+    with local:
+        if _held_counts.get(path):
+            _held_counts[path] += 1
+            try:
+                yield
+            finally:
+                _held_counts[path] -= 1
+            return
+        with open(path, "a+") as f:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+            _held_counts[path] = 1
+            try:
+                yield
+            finally:
+                _held_counts[path] = 0
+                fcntl.flock(f.fileno(), fcntl.LOCK_UN)

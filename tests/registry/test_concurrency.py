@@ -66,3 +66,33 @@ def test_eight_processes_get_distinct_gapless_numbers(backend, mlflow_store, tmp
     for v in versions:
         assert by_uid[v.uid].tags["saereg.version"] == str(v.number)
         assert by_uid[v.uid].version == int(v.mlflow_model_version)
+
+
+OPENER = textwrap.dedent("""
+    import os, sys, time
+    from registry.db import _create_engine
+    go, db = sys.argv[1], sys.argv[2]
+    engine = _create_engine("sqlite:///" + db)
+    while not os.path.exists(go):
+        time.sleep(0.001)
+    with engine.connect() as conn:
+        conn.exec_driver_sql("CREATE TABLE IF NOT EXISTS t (x)")
+        print(conn.exec_driver_sql("PRAGMA journal_mode").scalar())
+""")
+
+
+def test_many_processes_opening_a_new_sqlite_catalog_all_get_wal(tmp_path):
+    """Switching a new file to WAL needs an exclusive lock that SQLite refuses at once (no busy
+    wait) while others hold the file: twelve processes opening one new catalog together must
+    all connect, and the file ends in WAL mode."""
+    for trial in range(3):
+        db, go = tmp_path / f"c{trial}.db", tmp_path / f"go{trial}"
+        procs = [subprocess.Popen([sys.executable, "-c", OPENER, str(go), str(db)],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for _ in range(12)]
+        time.sleep(2.5)  # past their imports
+        go.touch()
+        for p in procs:
+            out, err = p.communicate(timeout=120)
+            assert p.returncode == 0, err[-2000:]
+            assert out.strip() == "wal"
