@@ -18,7 +18,7 @@ from __future__ import annotations
 import functools
 import tempfile
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from sqlalchemy import func, insert, select
@@ -146,7 +146,10 @@ class Catalog:
         return sae
 
     def _register(self, src: Source, name: str, *, tags: Mapping[str, str] | None,
-                  note: str | None, parent: str | None) -> queries.VersionInfo:
+                  note: str | None, parent: str | None,
+                  extra: Callable[[Session, int], None] | None = None) -> queries.VersionInfo:
+        """Store the files, then record the version (and ``extra(session, version_id)``, rows
+        that hang from it) in one transaction, mirrored to MLflow."""
         tags = {str(k): str(v) for k, v in (tags or {}).items()}
         with self.session() as s:
             self._check_binding(s, name, src)
@@ -195,6 +198,8 @@ class Catalog:
                         {"version_id": vid, "name": f.name, "sha256": f.sha256, "size": f.size}
                         for f in stored])
                     insert_features(s, vid, src.d_sae, rates)
+                    if extra is not None:
+                        extra(s, vid)
                     if tags:
                         s.execute(insert(VersionTag.__table__), [
                             {"version_id": vid, "key": k, "value": v} for k, v in tags.items()])

@@ -39,7 +39,6 @@ from registry.hub_card import (
     registry_record,
     render_card,
     sha256_file,
-    write_features,
 )
 from registry.refs import (
     parse_ref,
@@ -179,15 +178,11 @@ def _record(cat: Catalog, version_id: int, direction: str, repo: str, path: str,
     db.retrying(attempt, what=f"recording the publication in {repo}")
 
 
-def _feature_rows(cat: Catalog, version_id: int) -> list[tuple[int, float | None]]:
-    from sqlalchemy import select
-
-    from registry.models import Feature
+def _feature_export(cat: Catalog, info):  # noqa: ANN001 - a VersionInfo
+    from registry import hub_features
 
     with cat.session() as s:
-        return list(s.execute(select(Feature.feature_index, Feature.log10_firing_rate)
-                              .where(Feature.version_id == version_id)
-                              .order_by(Feature.feature_index)).tuples())
+        return hub_features.collect(s, info.id, info.d_sae)
 
 
 def _current_readme(api, repo: str) -> str | None:
@@ -207,6 +202,7 @@ def push(ref: str, repo: str, *, path: str | None = None, private: bool = False,
          database_url: str | None = None) -> Publication:
     """Publish catalog version ``ref`` to Hub repo ``repo`` at folder ``path`` (default: the SAE
     name) and tag it ``NAME-vN``. Pushing a version already published there is a no-op."""
+    from registry import hub_features
     from registry.catalog import Catalog
     from registry.store import ArtifactStore
 
@@ -228,7 +224,7 @@ def push(ref: str, repo: str, *, path: str | None = None, private: bool = False,
         folder = stage / path if path else stage
         folder.mkdir(parents=True)
         ArtifactStore(info.artifact_uri).materialize(info.files, folder, where=info.ref)
-        write_features(folder / FEATURES_FILE, _feature_rows(cat, info.id))
+        hub_features.write(folder / FEATURES_FILE, _feature_export(cat, info))
         files = {f: folder / f for f in (*SAE_FILES, FEATURES_FILE) if (folder / f).is_file()}
         record = registry_record(info, files)
         (folder / REGISTRY_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
@@ -379,8 +375,19 @@ def _register_pulled(cat: Catalog, repo: str, folder: str, commit: str, rev: str
         tags["hub.version"] = str(record["version"])
     if lineage.get("mlflow_run_id"):
         tags["hub.mlflow_run_id"] = str(lineage["mlflow_run_id"])
+    export = None
+    if (local / FEATURES_FILE).is_file():
+        from registry import hub_features
+
+        export = hub_features.read(local / FEATURES_FILE, src.d_sae)
+        if src.log10_rates is None and any(r is not None for r in export.log10_rates):
+            src.log10_rates = export.log10_rates
+    source = f"hf://{repo}/{folder}@{commit}" if folder else f"hf://{repo}@{commit}"
     cat._precheck(name, tags, None)
-    info = cat._register(src, name, tags=tags, note=None, parent=None)
+    info = cat._register(
+        src, name, tags=tags, note=None, parent=None,
+        extra=None if export is None else
+        lambda s, vid: hub_features.insert(s, vid, export, source=source))
     _record(cat, info.id, "pull", repo, folder, rev or commit, commit)
     return Pulled(info.ref, repo, folder, commit, added=True)
 

@@ -1,6 +1,6 @@
 """What a pushed SAE carries besides its SAELens files: ``registry.json`` (name, version,
-sha256 of every file, metrics, lineage), ``features.parquet`` (one row per latent) and the
-repo's README model card (YAML metadata and a table of every SAE in the repo).
+sha256 of every file, metrics, lineage) and the repo's README model card (YAML metadata and a
+table of every SAE in the repo); ``features.parquet`` is written by :mod:`registry.hub_features`.
 
 The card keeps a machine-readable index of the repo's SAEs in an HTML comment, so a later push
 adds its row without downloading every ``registry.json`` of the repo.
@@ -28,25 +28,6 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def write_features(path: Path, rows: list[tuple[int, float | None]]) -> None:
-    """features.parquet: ``feature_index`` (int32) and ``log10_firing_rate`` (float64, null
-    when unknown). Readers ignore columns they do not know (labels and statistics will be
-    added as further columns)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    table = pa.table({"feature_index": pa.array([r[0] for r in rows], pa.int32()),
-                      "log10_firing_rate": pa.array([r[1] for r in rows], pa.float64())})
-    pq.write_table(table, path)
-
-
-def read_features(path: Path) -> list[tuple[int, float | None]]:
-    import pyarrow.parquet as pq
-
-    table = pq.read_table(path, columns=["feature_index", "log10_firing_rate"])
-    return list(zip(table.column(0).to_pylist(), table.column(1).to_pylist()))
 
 
 def registry_record(info, files: dict[str, Path]) -> dict[str, Any]:

@@ -27,7 +27,7 @@ from registry import db
 from registry.api import load_sae
 from registry.catalog import Catalog
 from registry.cli import cli
-from registry.errors import ChecksumError, HubError, NotFoundError, UsageError
+from registry.errors import ChecksumError, HubError, NotFoundError, SAEFormatError, UsageError
 from registry.hub import pull, push
 from registry.models import Publication
 
@@ -165,6 +165,133 @@ def test_push_then_pull_round_trip(hub, home, tmp_path, mlflow_template, monkeyp
     assert pulled.added and pulled.ref == "tiny@2"
     assert other.get("tiny@2").metrics == v2.metrics
     assert [p[0] for p in publications()] == ["pull", "pull"]
+
+
+def _study(ref: str) -> None:
+    """A stats run and a label history (relabelled, machine-made, accepted) on ``ref``."""
+    from analysis.labels import add_label, set_status
+    from analysis.stats import AnalyzeConfig, store_run
+
+    info = home_version(ref)
+    rows = [{"feature_index": f, "firing_rate": f / 1000, "mean_activation": 0.5 + f,
+             "max_activation": 2.0 + f, "flag": "dead" if f == 5 else None,
+             "histogram": {"log10_low": -4.0, "log10_high": 4.0, "counts": [f, 1, 0]},
+             "top_examples": [{"tokens": ["a", "b"], "acts": [0.0, 2.0 + f], "doc": f"d{f}",
+                               "offset": f, "activation": 2.0 + f}],
+             "interval_examples": [{"low": 0.0, "high": 1.0, "examples": []}],
+             "top_logits": [["tok", 1.5]], "bottom_logits": [["neg", -1.5]]}
+            for f in range(info.d_sae)]
+    store_run(info, AnalyzeConfig(tokens=4096, context_size=32, params={"note": "x"}), 4096, rows)
+    add_label(ref, 3, "travel and journeys", author="ann")
+    add_label(ref, 3, "trains and travel", author="bob")
+    lab = add_label(ref, 3, "movement words", method="heuristic", model="saereg-heuristic-v1")
+    set_status(lab.id, "accepted")
+    add_label(ref, 7, "numbers in code", author="ann")
+
+
+def home_version(ref: str):
+    return Catalog().get(ref)
+
+
+def _labels_and_stats(ref: str):
+    from analysis.labels import history
+    from analysis.stats import feature_stats
+
+    info = home_version(ref)
+    labels = {}
+    for f in range(info.d_sae):
+        hist = history(ref, f)
+        pos = {lab.id: j for j, lab in enumerate(hist)}
+        labels[f] = [(lab.text, lab.method, lab.model, lab.status, lab.author,
+                      lab.created_at.replace(tzinfo=None), lab.detection_score,
+                      pos.get(lab.supersedes)) for lab in hist]
+    _, run, _ = feature_stats(ref, 0)
+    stats = []
+    for f in range(info.d_sae):
+        row = feature_stats(ref, f)[2]
+        stats.append({c: getattr(row, c) for c in (
+            "firing_rate", "mean_activation", "max_activation", "flag", "histogram",
+            "top_examples", "interval_examples", "top_logits", "bottom_logits")})
+    provenance = (run.dataset, run.tokens, run.context_size, run.code_version, run.created_by,
+                  run.params["note"])
+    return labels, stats, provenance
+
+
+def test_labels_and_statistics_round_trip(hub, home, tmp_path, mlflow_template, monkeypatch):
+    from analysis.search import search_labels
+
+    _study("tiny@1")
+    mine = _labels_and_stats("tiny@1")
+    assert len(mine[0][3]) == 3 and mine[0][3][1][-1] == 0  # bob's label supersedes ann's
+    push("tiny@1", REPO)
+    import io
+
+    import pyarrow.parquet as pq
+    table = pq.read_table(io.BytesIO(hub.files(REPO)["tiny/features.parquet"]))
+    assert table.column("label").to_pylist()[3] == "movement words"  # the accepted one
+    assert table.column("label").to_pylist()[7] == "numbers in code"
+    assert table.column("max_activation").to_pylist()[:3] == [2.0, 3.0, 4.0]
+    assert json.loads(table.schema.metadata[b"saereg.stats_run"])["tokens"] == 4096
+
+    switch_home(tmp_path / "other-home", mlflow_template, monkeypatch)
+    [pulled] = pull(f"{REPO}@tiny-v1")
+    assert pulled.added
+    theirs = _labels_and_stats("tiny@1")
+    assert theirs[0] == mine[0]
+    assert theirs[1] == mine[1]
+    assert theirs[2] == mine[2]
+    [hit] = search_labels("journeys")  # the pulled history is searchable (full-text index)
+    assert (hit.feature_index, hit.ref) == (3, "tiny@1")
+    counts = table_counts()
+    [again] = pull(f"{REPO}@tiny-v1")
+    assert not again.added and table_counts() == counts
+
+
+def test_a_bad_features_file_on_pull_records_nothing(hub, home, tmp_path, mlflow_template,
+                                                      monkeypatch):
+    """features.parquet whose labels point nowhere: the pull stops before recording anything."""
+    import pyarrow.parquet as pq
+
+    from registry import hub_features
+
+    _study("tiny@1")
+    push("tiny@1", REPO)
+    export = hub_features.read(_fetch(hub, "tiny/features.parquet", tmp_path), 64)
+    export.labels[3][1]["status"] = "maybe"
+    bad = tmp_path / "bad.parquet"
+    hub_features.write(bad, export)
+    assert pq.read_table(bad).column("labels").type.value_type == hub_features._label_type()
+    _upload_over(hub, "tiny", bad, tmp_path)
+    switch_home(tmp_path / "other-home", mlflow_template, monkeypatch)
+    with pytest.raises(SAEFormatError, match="feature 3 has a label with method 'human' / status "
+                                        "'maybe'"):
+        pull(f"{REPO}@main")
+    assert table_counts()["sae_versions"] == 0 and table_counts()["feature_labels"] == 0
+    assert not publications()
+
+
+def _fetch(hub, name: str, tmp_path):
+    path = tmp_path / name.replace("/", "_")
+    path.write_bytes(hub.files(REPO)[name])
+    return path
+
+
+def _upload_over(hub, folder: str, features, tmp_path) -> None:
+    """Replace features.parquet and its sha256 in registry.json on main, through the client."""
+    import hashlib
+
+    from huggingface_hub import HfApi
+
+    record = json.loads(hub.files(REPO)[f"{folder}/registry.json"])
+    record["files"]["features.parquet"]["sha256"] = hashlib.sha256(
+        features.read_bytes()).hexdigest()
+    reg = tmp_path / "registry.json"
+    reg.write_text(json.dumps(record))
+    api = HfApi()
+    api.upload_file(path_or_fileobj=str(features), path_in_repo=f"{folder}/features.parquet",
+                    repo_id=REPO)
+    api.upload_file(path_or_fileobj=str(reg), path_in_repo=f"{folder}/registry.json",
+                    repo_id=REPO)
 
 
 def test_features_parquet_matches_the_catalog(hub, home):
