@@ -304,6 +304,10 @@ class Pulled:
     path: str
     commit: str
     added: bool
+    labels: int = 0
+    """Labels recorded with the version (its whole label history from features.parquet)."""
+    stats_tokens: int | None = None
+    """Tokens of the stats run recorded with the version (None: none came with it)."""
 
 
 def pull(spec: str, *, path: str | None = None, name: str | None = None,
@@ -389,7 +393,10 @@ def _register_pulled(cat: Catalog, repo: str, folder: str, commit: str, rev: str
         extra=None if export is None else
         lambda s, vid: hub_features.insert(s, vid, export, source=source))
     _record(cat, info.id, "pull", repo, folder, rev or commit, commit)
-    return Pulled(info.ref, repo, folder, commit, added=True)
+    return Pulled(info.ref, repo, folder, commit, added=True,
+                  labels=export.n_labels if export else 0,
+                  stats_tokens=int(export.stats_run.get("tokens") or 0)
+                  if export and export.stats_run else None)
 
 
 # -- hf:// references ------------------------------------------------------------------------

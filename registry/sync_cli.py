@@ -52,4 +52,10 @@ def sync_pull(spec: str, path: str | None, name: str | None) -> None:
 
     for p in hub.pull(spec, path=path, name=name):
         state = "registered as" if p.added else "already in the catalog as"
-        click.echo(f"hf://{p.repo}/{p.path}@{p.commit[:12]}: {state} {p.ref}")
+        extra = []
+        if p.labels:
+            extra.append(f"{p.labels} labels")
+        if p.stats_tokens is not None:
+            extra.append(f"statistics over {p.stats_tokens:,} tokens")
+        click.echo(f"hf://{p.repo}/{p.path}@{p.commit[:12]}: {state} {p.ref}"
+                   + (f" ({', '.join(extra)})" if extra else ""))

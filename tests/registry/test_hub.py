@@ -234,8 +234,9 @@ def test_labels_and_statistics_round_trip(hub, home, tmp_path, mlflow_template, 
     assert json.loads(table.schema.metadata[b"saereg.stats_run"])["tokens"] == 4096
 
     switch_home(tmp_path / "other-home", mlflow_template, monkeypatch)
-    [pulled] = pull(f"{REPO}@tiny-v1")
-    assert pulled.added
+    result = sh("sync", "pull", f"{REPO}@tiny-v1")
+    assert result.exit_code == 0, result.output
+    assert "registered as tiny@1 (4 labels, statistics over 4,096 tokens)" in result.output
     theirs = _labels_and_stats("tiny@1")
     assert theirs[0] == mine[0]
     assert theirs[1] == mine[1]
