@@ -63,21 +63,44 @@ def timed(contenders: dict, n: int) -> dict[str, float]:
 
 
 def bench_hooks(args) -> None:
+    """Harvest (the model pass up to the deepest hook, captures, buffer) and the whole step
+    (harvest + one TopK step per hook), 4 hooks vs the deepest one alone, alternating."""
     from training.lm import hook_dim, load_lm, resolve_hooks
 
     lm = load_lm(args.model)
     many = resolve_hooks(lm, args.hooks.split(","))
     one = [many[-1]]
     d = hook_dim(lm, one[0])
-    s_many, s_one = (_stream(lm, h, args.batch, args.batch * 2) for h in (many, one))
-    t_many, t_one = _steppers(many, d), _steppers(one, d)
-    med = timed({"4 hooks": lambda: t_many(s_many.next_batch()),
-                 "1 hook": lambda: t_one(s_one.next_batch())}, args.batches)
-    print(f"{lm.name}: hooks {','.join(many)} vs {one[0]}, {args.batch} tokens per step")
-    for k, v in med.items():
-        print(f"  {k:>8}: {v:.3f} s/step ({args.batch / v:.0f} tokens/s)")
-    print(f"| {len(many)} hooks vs 1 | {med['4 hooks']:.3f} | {med['1 hook']:.3f} | "
-          f"{med['4 hooks'] / med['1 hook']:.2f}x |")
+    streams = {"many": _stream(lm, many, args.batch, args.batch * 2),
+               "one": _stream(lm, one, args.batch, args.batch * 2)}
+    steppers = {"many": _steppers(many, d), "one": _steppers(one, d)}
+    harvest: dict[str, list[float]] = {"many": [], "one": []}
+    total: dict[str, list[float]] = {"many": [], "one": []}
+    for i in range(args.batches + 1):  # the first round is a warm-up (fills the buffers)
+        for name in ("many", "one"):
+            t0 = time.perf_counter()
+            batch = streams[name].next_batch()
+            t1 = time.perf_counter()
+            steppers[name](batch)
+            t2 = time.perf_counter()
+            if i:
+                harvest[name].append(t1 - t0)
+                total[name].append(t2 - t0)
+    h = {k: statistics.median(v) for k, v in harvest.items()}
+    t = {k: statistics.median(v) for k, v in total.items()}
+    print(f"{lm.name}: hooks {','.join(many)} vs {one[0]}, {args.batch} tokens per step, "
+          f"median of {args.batches}")
+    for name, label in (("many", f"{len(many)} hooks"), ("one", "1 hook")):
+        print(f"  {label:>8}: harvest {h[name]:.3f} s, whole step {t[name]:.3f} s "
+              f"({args.batch / t[name]:.0f} tokens/s)")
+    print("| what | 4 hooks (s) | 1 hook (s) | ratio |")
+    print(f"| harvest (one pass) | {h['many']:.3f} | {h['one']:.3f} | "
+          f"{h['many'] / h['one']:.2f}x |")
+    print(f"| harvest + {len(many)} vs 1 SAE steps | {t['many']:.3f} | {t['one']:.3f} | "
+          f"{t['many'] / t['one']:.2f}x |")
+    print(f"| vs {len(many)} passes, one per hook (at most {len(many)} x the 1-hook step) | "
+          f"{t['many']:.3f} | {len(many) * t['one']:.3f} | "
+          f"{t['many'] / (len(many) * t['one']):.2f}x |")
 
 
 def bench_cache(args) -> None:
