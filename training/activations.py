@@ -7,10 +7,15 @@ positions in one buffer, so every hook sees the same shuffled tokens. The buffer
 then each batch is drawn from random slots, which are refilled with fresh activations. So the
 model runs for about one batch of tokens per step (steady progress, no long refill pauses), and
 a token stays in the buffer for a geometric number of steps (mean capacity / batch).
+
+In a data-parallel job every process has its own stream over its own share of the windows
+(``make_windows`` shards them); ``windows_consumed`` is a position in the whole window stream,
+and ``data_digest`` fingerprints the token ids this stream has read.
 """
 
 from __future__ import annotations
 
+import hashlib
 import sys
 from collections.abc import Callable, Iterator
 
@@ -42,6 +47,12 @@ class ActivationStream:
         self.buffer: dict[str, torch.Tensor] = {}
         self.pending: dict[str, torch.Tensor] = {}
         self._lm_iter: Iterator[torch.Tensor] | None = None
+        self._digest = hashlib.sha256()
+
+    @property
+    def data_digest(self) -> str:
+        """sha256 of the token ids read so far (tells the streams of two processes apart)."""
+        return self._digest.hexdigest()
 
     # -- harvesting -------------------------------------------------------------------------
     def _lm_batches(self) -> Iterator[torch.Tensor]:
@@ -51,7 +62,7 @@ class ActivationStream:
             n = 0
             for input_ids, _ in windows.batches(self.lm_batch_size):
                 n += 1
-                self.windows_consumed += input_ids.shape[0]
+                self.windows_consumed = windows.position
                 yield input_ids
             if n == 0 and start == 0:
                 raise DatasetError("the dataset yielded no complete context window; "
@@ -67,6 +78,7 @@ class ActivationStream:
         from training.lm import special_token_mask
 
         acts = self.capture(input_ids)
+        self._digest.update(input_ids.cpu().numpy().tobytes())
         keep = ~special_token_mask(self.lm.tokenizer, input_ids)
         out = {}
         for hook in self.hooks:

@@ -14,11 +14,14 @@ taken for a finished one: training refuses it, and running the same ``cache`` co
 resumes after its last finished shard.
 
 :class:`CacheStream` feeds the trainer from a cache through the same shuffling buffer as
-:class:`training.activations.ActivationStream`, so the training module does not change.
+:class:`training.activations.ActivationStream`, so the training module does not change. In a
+data-parallel job each process reads its own contiguous block of rows of every shard (a
+1/world_size share, sliced from the file without loading the rest).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
@@ -97,11 +100,22 @@ class CacheSource:
         return {h: int(d) for h, d in self.manifest["d_in"].items()}
 
 
-def load_shard(folder: Path, name: str, hooks: list[str]) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
+def load_shard(folder: Path, name: str, hooks: list[str], *, rank: int = 0,
+               world_size: int = 1) -> dict[str, torch.Tensor]:
+    """The tensors of ``hooks`` plus ``token_ids`` of one shard; with ``world_size`` > 1 only
+    rank's block of rows, ``[n * rank // world_size, n * (rank + 1) // world_size)``."""
+    names = [*hooks, "token_ids"]
+    if world_size == 1:
+        from safetensors.torch import load_file
 
-    data = load_file(str(folder / name))
-    return {h: data[h] for h in [*hooks, "token_ids"]}
+        data = load_file(str(folder / name))
+        return {h: data[h] for h in names}
+    from safetensors import safe_open
+
+    with safe_open(str(folder / name), framework="pt") as f:
+        n = f.get_slice("token_ids").get_shape()[0]
+        start, end = n * rank // world_size, n * (rank + 1) // world_size
+        return {h: f.get_slice(h)[start:end] for h in names}
 
 
 class CacheStream(ActivationStream):
@@ -112,7 +126,7 @@ class CacheStream(ActivationStream):
 
     def __init__(self, source: CacheSource, hooks: list[str], *, batch_tokens: int,
                  buffer_tokens: int, seed: int = 0, skip_shards: int = 0, device=None,
-                 max_epochs: int = 1000):
+                 max_epochs: int = 1000, rank: int = 0, world_size: int = 1):
         missing = [h for h in hooks if h not in source.hooks]
         if missing:
             raise ConfigError(f"hook {missing[0]} is not in the cache {source.path}; it holds "
@@ -131,6 +145,8 @@ class CacheStream(ActivationStream):
         self.buffer: dict[str, torch.Tensor] = {}
         self.pending: dict[str, torch.Tensor] = {}
         self._lm_iter = None
+        self._digest = hashlib.sha256()
+        self.rank, self.world_size = rank, world_size
         self._shards = [s["file"] for s in source.manifest["shards"]]
         if not self._shards:
             raise DatasetError(f"activation cache {source.path} holds no shards")
@@ -147,7 +163,9 @@ class CacheStream(ActivationStream):
         raise DatasetError(f"the cache ran out after {self.max_epochs} passes")
 
     def harvest(self, shard: str) -> dict[str, torch.Tensor]:  # type: ignore[override]
-        data = load_shard(self.source.path, shard, self.hooks)
+        data = load_shard(self.source.path, shard, self.hooks, rank=self.rank,
+                          world_size=self.world_size)
+        self._digest.update(data["token_ids"].numpy().tobytes())
         out = {h: data[h].to(self.device, torch.float32) for h in self.hooks}
         self.tokens_harvested += int(data["token_ids"].shape[0])
         return out

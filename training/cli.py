@@ -128,6 +128,14 @@ def train_options(f):
         click.option("--log-every", type=click.IntRange(min=1), default=10, show_default=True),
         click.option("--checkpoint-every", type=click.IntRange(min=1), default=100, show_default=True),
         click.option("--device", default="auto", show_default=True),
+        click.option("--devices", type=click.IntRange(min=1), default=1, show_default=True,
+                     help="Processes per node, one device each; more than one trains data-parallel."),
+        click.option("--strategy", default="auto", show_default=True,
+                     help="auto or ddp (one process per device; --batch-tokens and --tokens are "
+                          "totals over all processes)."),
+        click.option("--num-nodes", type=click.IntRange(min=1), default=1, show_default=True,
+                     help="Machines running the same command (Lightning's launcher: MASTER_ADDR, "
+                          "NODE_RANK, ... or torchrun)."),
         click.option("--dtype", default="float32", show_default=True, help="Model dtype."),
         click.option("--seed", type=int, default=0, show_default=True),
         click.option("--experiment", default="sae-registry", show_default=True, help="MLflow experiment."),
@@ -152,8 +160,9 @@ def train_options(f):
 def train(model, hooks, archs, ks, expansions, d_sae, tokens, dataset, text_column, context_size,
           batch_tokens, lm_batch_size, buffer_tokens, lr, sparsity_coefficient,
           sparsity_warmup_tokens, k_start, k_anneal_tokens, dead_tokens, aux_k_alpha,
-          ghost_grads, eval_tokens, log_every, checkpoint_every, device, dtype, seed, experiment,
-          run_name, no_progress, register, resume, from_cache) -> None:
+          ghost_grads, eval_tokens, log_every, checkpoint_every, device, devices, strategy,
+          num_nodes, dtype, seed, experiment, run_name, no_progress, register, resume,
+          from_cache) -> None:
     """Train SAEs on MODEL's activations at one or more hook points, from one model pass.
 
     Every combination of --hook, --arch, --k and --expansion trains its own SAE with its own
@@ -191,12 +200,15 @@ def train(model, hooks, archs, ks, expansions, d_sae, tokens, dataset, text_colu
                       context_size=context_size, tokens=tokens, batch_tokens=batch_tokens,
                       lm_batch_size=lm_batch_size, buffer_tokens=buffer_tokens,
                       eval_tokens=eval_tokens, log_every=log_every,
-                      checkpoint_every=checkpoint_every, device=device, dtype=dtype, seed=seed,
+                      checkpoint_every=checkpoint_every, device=device, devices=devices,
+                      strategy=strategy, num_nodes=num_nodes, dtype=dtype, seed=seed,
                       experiment=experiment, run_name=run_name, from_cache=from_cache)
     _finish(run_training(cfg, progress=not no_progress), register)
 
 
 def _finish(result, register: str | None) -> None:
+    if result is None:  # a data-parallel process of rank > 0: rank 0 reports
+        return
     _report(result)
     if register:
         register_results(result, register)

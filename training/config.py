@@ -15,6 +15,8 @@ from typing import Any
 from registry.errors import ConfigError
 from registry.sae import ARCHITECTURES, K_ARCHITECTURES
 
+STRATEGIES = ("auto", "ddp")
+
 
 @dataclass
 class SAETrainConfig:
@@ -119,13 +121,14 @@ class TrainConfig:
     context_size: int = 128
     """Tokens per context window (BOS first)."""
     tokens: int = 1_000_000
-    """Training tokens per SAE (special-token positions are not counted)."""
+    """Training tokens per SAE (special-token positions are not counted), over all processes."""
     batch_tokens: int = 4096
-    """Activations per optimiser step."""
+    """Activations per optimiser step, over all processes: each of the ``world_size``
+    processes of a data-parallel job draws ``batch_tokens // world_size`` of them."""
     lm_batch_size: int = 8
     """Context windows per language-model forward pass."""
     buffer_tokens: int = 65536
-    """Shuffling buffer size (activations held per hook)."""
+    """Shuffling buffer size (activations held per hook, in each process)."""
     lr_warmup_steps: int = 50
     """Linear learning-rate warm-up (at most a tenth of the steps)."""
     lr_decay_fraction: float = 0.2
@@ -141,6 +144,14 @@ class TrainConfig:
     """Held-out tokens for the final evaluation (CE-loss score, KL, explained variance)."""
     device: str = "auto"
     """auto, cpu, cuda, cuda:N or mps."""
+    devices: int = 1
+    """Processes (one device each) per node; more than one trains data-parallel."""
+    strategy: str = "auto"
+    """Lightning strategy: auto (ddp when devices x num_nodes > 1) or ddp (one process per
+    device, gradients averaged; gloo on CPU, nccl on CUDA)."""
+    num_nodes: int = 1
+    """Machines taking part; each runs the same command (Lightning's launcher environment:
+    MASTER_ADDR, MASTER_PORT, NODE_RANK, WORLD_SIZE, or torchrun)."""
     dtype: str = "float32"
     """Language-model dtype."""
     experiment: str = "sae-registry"
@@ -173,10 +184,33 @@ class TrainConfig:
             raise ConfigError("lr_decay_fraction must be within [0, 1]")
         if self.eval_tokens < 0:
             raise ConfigError("--eval-tokens must not be negative")
+        self._check_parallel()
         ids = [s.sae_id() for s in self.saes]
         dupes = sorted({i for i in ids if ids.count(i) > 1})
         if dupes:
             raise ConfigError(f"the same SAE is configured twice: {', '.join(dupes)}")
+
+    def _check_parallel(self) -> None:
+        for name in ("devices", "num_nodes"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1; "
+                                  f"got {getattr(self, name)!r}")
+        if self.strategy not in STRATEGIES:
+            hint = ("; ddp_spawn would have to pickle the model, the streams and the MLflow "
+                    "client into new processes, use ddp") if self.strategy == "ddp_spawn" else ""
+            raise ConfigError(f"--strategy must be one of {', '.join(STRATEGIES)}; "
+                              f"got {self.strategy!r}{hint}")
+        if self.devices > 1 and (":" in self.device or self.device == "mps"):
+            raise ConfigError(f"--device {self.device} names a single device; with --devices "
+                              f"{self.devices} use --device cuda, cpu or auto")
+        if self.batch_tokens % self.world_size:
+            raise ConfigError(f"--batch-tokens ({self.batch_tokens}) must be divisible by the "
+                              f"number of processes (--devices x --num-nodes = {self.world_size})")
+
+    @property
+    def world_size(self) -> int:
+        """Processes in the job: devices x num_nodes."""
+        return self.devices * self.num_nodes
 
     @property
     def total_steps(self) -> int:

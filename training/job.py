@@ -5,6 +5,11 @@ token budget). A job lives in ``$SAEREG_HOME/runs/<job id>/``: ``job.json`` (con
 ids, status), ``checkpoints/last.ckpt`` and, when finished, ``saes/<sae id>/`` in the SAELens
 layout. A job that stops early (error, NaN, interrupt) marks its MLflow runs FAILED or KILLED and
 keeps its last good checkpoint; ``resume`` continues it with the same step count and runs.
+
+Data-parallel jobs (``devices x num_nodes`` > 1) run this in every process; only global rank 0
+does the above, the other processes just train (see :mod:`training.distributed`). Their
+``job.json`` also lists, per process (``ranks``), the tokens it trained on, its position in the
+data and digests of the token ids it read and of its final state.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from registry.errors import ConfigError, SaeRegError
+from registry.errors import ConfigError, SaeRegError, TrainingDivergedError
 from registry.paths import runs_dir
 from training.config import TrainConfig, flat_params
 
@@ -69,7 +74,7 @@ def resolve_device(device: str) -> str:
     return "cpu"
 
 
-def prepare_cache(cfg: TrainConfig):
+def prepare_cache(cfg: TrainConfig, device: str | None = None):
     """Read the cache's manifest (it stands in for the model); returns (source, d_ins)."""
     import torch
 
@@ -77,7 +82,7 @@ def prepare_cache(cfg: TrainConfig):
 
     manifest = read_manifest(cfg.from_cache)
     source = CacheSource(Path(cfg.from_cache).expanduser().resolve(), manifest,
-                         torch.device(resolve_device(cfg.device)))
+                         torch.device(device or resolve_device(cfg.device)))
     known = source.hooks
     for spec in cfg.saes:
         if spec.hook not in known:
@@ -95,15 +100,16 @@ def prepare_cache(cfg: TrainConfig):
     return source, {h: source.d_ins[h] for h in cfg.hooks}
 
 
-def prepare(cfg: TrainConfig):
-    """Load the model and check every SAE against it; returns (lm, d_ins)."""
+def prepare(cfg: TrainConfig, device: str | None = None):
+    """Load the model (on ``device``, default: from the config) and check every SAE against
+    it; returns (lm, d_ins)."""
     import torch
 
     from training.lm import hook_dim, load_lm, resolve_hooks
 
     if cfg.from_cache:
-        return prepare_cache(cfg)
-    device = resolve_device(cfg.device)
+        return prepare_cache(cfg, device)
+    device = device or resolve_device(cfg.device)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16,
              "float16": torch.float16}.get(cfg.dtype)
     if dtype is None:
@@ -132,17 +138,49 @@ def check_dataset(cfg: TrainConfig) -> None:
         raise DatasetError(f"dataset {cfg.dataset} has no documents")
 
 
+def make_trainer(cfg: TrainConfig, device: str, job_dir: Path):
+    """The Lightning trainer of a job: one device, or DDP over devices x num_nodes processes."""
+    import lightning as L
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    from training.distributed import RankReport, make_strategy
+
+    checkpoint = L.pytorch.callbacks.ModelCheckpoint(
+        dirpath=job_dir / "checkpoints", filename="last", every_n_train_steps=cfg.checkpoint_every,
+        save_top_k=1, enable_version_counter=False)
+    extra = [RankReport()] if cfg.world_size > 1 else []
+    try:
+        return L.Trainer(max_steps=cfg.total_steps, max_epochs=-1,
+                         accelerator="gpu" if device.startswith("cuda") else "cpu",
+                         devices=cfg.devices, num_nodes=cfg.num_nodes,
+                         strategy=make_strategy(cfg), logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, num_sanity_val_steps=0,
+                         default_root_dir=job_dir, callbacks=[*extra, checkpoint])
+    except MisconfigurationException as e:  # e.g. more --devices than this machine has
+        raise ConfigError(f"--devices {cfg.devices} --num-nodes {cfg.num_nodes} on {device}: "
+                          f"{e}") from e
+
+
+def _rank_report(trainer) -> list[dict[str, Any]] | None:
+    from training.distributed import RankReport
+
+    return next((c.ranks for c in trainer.callbacks if isinstance(c, RankReport)), None)
+
+
 def run_training(cfg: TrainConfig | None = None, *, resume: Path | None = None,
-                 progress: bool = True, progress_stream=None) -> TrainResult:
-    """Train every SAE in ``cfg`` from one pass; or continue the job folder ``resume``."""
+                 progress: bool = True, progress_stream=None) -> TrainResult | None:
+    """Train every SAE in ``cfg`` from one pass; or continue the job folder ``resume``.
+
+    Under DDP every process runs this; the ones of global rank > 0 train and return None."""
     import logging
 
-    import lightning as L
-
+    from training.distributed import JOB_ENV, barrier
     from training.module import ActivationDataModule, SAETrainingModule
     from training.progress import ProgressCallback
     from training.tracking import Tracker, TrackingCallback
 
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     state: dict[str, Any]
     if resume is not None:
         job_dir = Path(resume)
@@ -152,11 +190,20 @@ def run_training(cfg: TrainConfig | None = None, *, resume: Path | None = None,
         cfg = TrainConfig.from_dict(state["config"])
     elif cfg is None:
         raise ConfigError("run_training needs a config or a job folder to resume")
-    lm, d_ins = prepare(cfg)
-
-    if resume is None:
+    else:
         job_id = time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
         job_dir = runs_dir() / job_id
+    device = resolve_device(cfg.device)
+    trainer = make_trainer(cfg, device, job_dir)
+    if device.startswith("cuda") and trainer.world_size > 1:
+        device = str(trainer.strategy.root_device)  # this process's GPU
+    lm, d_ins = prepare(cfg, device)
+    ckpt = job_dir / "checkpoints" / "last.ckpt"
+    ckpt_path = str(ckpt) if resume and ckpt.exists() else None
+    if trainer.global_rank != 0:
+        return train_worker(cfg, lm, d_ins, trainer, ckpt_path)
+
+    if resume is None:
         job_dir.mkdir(parents=True)
         state = {"job_id": job_id, "config": cfg.to_dict(), "status": "running", "runs": {}}
         _write_json(job_dir / "job.json", state)
@@ -186,37 +233,61 @@ def run_training(cfg: TrainConfig | None = None, *, resume: Path | None = None,
     module = SAETrainingModule(cfg.to_dict(), d_ins, metadata)
     dm = ActivationDataModule(lm, cfg, cache=lm if cfg.from_cache else None)
     tracking = TrackingCallback(tracker, runs, parent)
-    callbacks = [
-        L.pytorch.callbacks.ModelCheckpoint(dirpath=job_dir / "checkpoints", filename="last",
-                                            every_n_train_steps=cfg.checkpoint_every,
-                                            save_top_k=1, enable_version_counter=False),
-        tracking,
-    ]
+    trainer.callbacks.insert(0, tracking)  # the checkpoint callback stays last
     if progress:
-        callbacks.append(ProgressCallback(cfg.tokens, cfg.batch_tokens, stream=progress_stream))
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    accelerator = "gpu" if lm.device.type == "cuda" else "cpu"
-    trainer = L.Trainer(max_steps=cfg.total_steps, max_epochs=-1, accelerator=accelerator,
-                        devices=1, logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, num_sanity_val_steps=0,
-                        default_root_dir=job_dir, callbacks=callbacks)
-    ckpt = job_dir / "checkpoints" / "last.ckpt"
+        trainer.callbacks.insert(0, ProgressCallback(cfg.tokens, cfg.batch_tokens,
+                                                     stream=progress_stream))
+    if cfg.world_size > 1:
+        os.environ[JOB_ENV] = str(job_dir.resolve())  # the processes Lightning starts attach
     try:
-        trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt) if resume and ckpt.exists() else None)
+        trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
         if trainer.interrupted or trainer.global_step < cfg.total_steps:
             raise SaeRegError(f"training stopped at step {trainer.global_step} of "
                               f"{cfg.total_steps}; resume with: saereg train --resume {job_dir}")
+        ranks = _rank_report(trainer)
+        if ranks:
+            state["ranks"] = ranks  # what each process trained on, and its final state digest
         results = finish(cfg, lm, module, tracker, runs, job_dir, progress_stream)
     except BaseException as e:
         tracking.mark_failed(e)
         state["status"] = "failed"
         state["error"] = str(e)[:2000]
         _write_json(job_dir / "job.json", state)
+        if isinstance(e, TrainingDivergedError):
+            barrier()  # the other processes stop at the same step; they exit after this
         raise
+    finally:
+        os.environ.pop(JOB_ENV, None)
     tracker.finish(parent)
     state.update(status="finished", saes={r.sae_id: str(r.folder) for r in results})
     _write_json(job_dir / "job.json", state)
     return TrainResult(job_dir=job_dir, parent_run_id=parent, tracking_uri=tracker.uri, saes=results)
+
+
+def train_worker(cfg: TrainConfig, lm, d_ins: dict[str, int], trainer, ckpt_path: str | None):
+    """A process of global rank > 0: train alongside rank 0 and return None. It creates no job
+    folder and no MLflow run; rank 0 checkpoints, evaluates, saves and logs."""
+    from training.distributed import JOB_ENV, barrier
+    from training.module import ActivationDataModule, SAETrainingModule
+
+    attached = os.environ.get(JOB_ENV)
+    if attached and Path(attached).is_dir():
+        theirs = TrainConfig.from_dict(read_job(Path(attached))["config"]).to_dict()
+        if theirs != TrainConfig.from_dict(cfg.to_dict()).to_dict():
+            raise ConfigError(f"this process's training settings differ from those of job "
+                              f"{Path(attached).name}; every process must run the same command")
+    module = SAETrainingModule(cfg.to_dict(), d_ins)
+    dm = ActivationDataModule(lm, cfg, cache=lm if cfg.from_cache else None)
+    try:
+        trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+    except TrainingDivergedError:
+        barrier()  # every process stopped at this step; rank 0 has now recorded it
+        if attached:  # started by rank 0, which reports the failure; a non-zero exit here
+            return None  # would make Lightning's launcher kill rank 0 before it exits
+        raise
+    if trainer.interrupted or trainer.global_step < cfg.total_steps:
+        raise SaeRegError(f"training stopped at step {trainer.global_step} of {cfg.total_steps}")
+    return None
 
 
 def sae_metadata(cfg: TrainConfig, lm, spec, run_id: str) -> dict[str, Any]:

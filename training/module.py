@@ -5,6 +5,12 @@
 and keeps per-latent firing statistics (for dead latents, AuxK and the density plot). Every
 SAE has its own learning rate and its own gradient clip; decoder rows are kept at unit norm
 with the radial part of their gradient removed before each step.
+
+Data-parallel (DDP): every process draws ``batch_tokens / world_size`` activations of its own
+share of the data; DDP averages the gradients, so the step is the one of the whole batch. The
+initialisation from data is computed by rank 0 and broadcast; firing counts, the divergence
+check and BatchTopK thresholds are combined over the processes every step, so parameters and
+buffers stay identical everywhere and ``tokens_seen`` counts the tokens of all processes.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from registry.errors import TrainingDivergedError
 from registry.sae import SAE, SAEConfig, build_sae, expected_norm_scale
 from training.activations import ActivationStream, StreamDataset
 from training.config import SAETrainConfig, TrainConfig
+from training.distributed import all_gather_ints, all_reduce_sum, broadcast_, rank, world_size
 from training.losses import LossSettings, compute_loss, explained_variance, geometric_median, k_at, warmup
 
 INIT_SAMPLE_TOKENS = 4096
@@ -35,23 +42,22 @@ class LatentStats(nn.Module):
         self.register_buffer("count_tokens", torch.zeros((), dtype=torch.long))
 
     @torch.no_grad()
-    def update(self, acts: torch.Tensor, count: bool) -> None:
-        fired = acts > 0
-        self.tokens_since_fired += acts.shape[0]
-        self.tokens_since_fired[fired.any(0)] = 0
-        if count:
-            self.fire_count += fired.sum(0)
-            self.count_tokens += acts.shape[0]
+    def fire_counts(self, out) -> torch.Tensor:
+        """Tokens of one step on which each latent fired, from a LossOutput: dense activations
+        [B, d_sae], or the active latents [B, k] of a TopK step (each at most once a row)."""
+        if out.acts is not None:
+            return (out.acts.detach() > 0).sum(0)
+        fired = out.idx[out.vals > 0]
+        return torch.zeros_like(self.fire_count).index_add_(0, fired, torch.ones_like(fired))
 
     @torch.no_grad()
-    def update_sparse(self, idx: torch.Tensor, vals: torch.Tensor, count: bool) -> None:
-        """The same from the active latents [B, k] of a TopK step (each at most once a row)."""
-        fired = idx[vals > 0]
-        self.tokens_since_fired += idx.shape[0]
-        self.tokens_since_fired[fired] = 0
+    def record(self, counts: torch.Tensor, n_tokens: int, count: bool) -> None:
+        """Add one step of ``n_tokens`` tokens on which latent i fired ``counts[i]`` times."""
+        self.tokens_since_fired += n_tokens
+        self.tokens_since_fired[counts > 0] = 0
         if count:
-            self.fire_count.index_add_(0, fired, torch.ones_like(fired))
-            self.count_tokens += idx.shape[0]
+            self.fire_count += counts
+            self.count_tokens += n_tokens
 
     def firing_rate(self) -> torch.Tensor:
         return self.fire_count.double() / max(int(self.count_tokens), 1)
@@ -107,9 +113,26 @@ class SAETrainingModule(L.LightningModule):
     def on_train_start(self) -> None:
         dm = self.trainer.datamodule
         if dm is not None and not bool(self.initialized):
-            self.initialize_from(dm.stream.peek(INIT_SAMPLE_TOKENS))
+            self._initialize_on_rank_0(dm.stream)
         self._t0 = time.perf_counter()
         self._tokens_at_t0 = int(self.tokens_seen)
+
+    def _initialize_on_rank_0(self, stream) -> None:
+        """Rank 0 initialises from its first buffer and sends the SAEs to the other processes;
+        non-finite activations stop every process (not only rank 0)."""
+        failed, error = -1, None
+        if rank() == 0:
+            try:
+                self.initialize_from(stream.peek(INIT_SAMPLE_TOKENS))
+            except TrainingDivergedError as e:
+                failed, error = self.cfg.hooks.index(e.hook), e
+        status = torch.tensor([failed], device=self.initialized.device)
+        broadcast_([status])
+        if error is not None:
+            raise error
+        if int(status) >= 0:
+            raise TrainingDivergedError(0, self.cfg.hooks[int(status)], "activations")
+        broadcast_([*self.saes.state_dict().values(), self.initialized])
 
     # -- schedules --------------------------------------------------------------------------
     def step_for_tokens(self, tokens: int) -> int:
@@ -140,38 +163,67 @@ class SAETrainingModule(L.LightningModule):
         self.step_metrics = {}
         step = int(self.global_step)
         tokens = int(self.tokens_seen)
-        log_now = (step + 1) % self.cfg.log_every == 0 or step + 1 >= self.cfg.total_steps
+        n = next(iter(batch.values())).shape[0] * world_size()  # tokens in this step, all ranks
+        log_now = rank() == 0 and ((step + 1) % self.cfg.log_every == 0
+                                   or step + 1 >= self.cfg.total_steps)
         count_density = tokens >= self.cfg.tokens // 2
-        total = None
+        steps: list[tuple | None] = []
+        bad: list[int] = []  # per SAE: non-finite activations, non-finite loss
         for sid, sae in self.saes.items():
             spec = self.specs[sid]
             x = batch[spec.hook]
             if not torch.isfinite(x).all():
-                raise TrainingDivergedError(step, spec.hook, "activations")
+                steps.append(None)
+                bad += [1, 0]
+                continue
             if hasattr(sae, "k"):
                 sae.k = k_at(tokens, spec.k, spec.k_start, spec.k_anneal_tokens)
             settings = LossSettings(
-                sparsity_coefficient=warmup(tokens // x.shape[0], spec.default_sparsity(),
-                                            spec.sparsity_warmup_tokens // x.shape[0]),
+                sparsity_coefficient=warmup(tokens // n, spec.default_sparsity(),
+                                            spec.sparsity_warmup_tokens // n),
                 aux_k_alpha=spec.aux_k_alpha, aux_k=spec.aux_k or sae.cfg.d_in // 2,
                 ghost_grads=spec.ghost_grads)
-            stats = self.stats[sid]
-            dead = stats.tokens_since_fired >= spec.dead_tokens
+            dead = self.stats[sid].tokens_since_fired >= spec.dead_tokens
             out = compute_loss(sae, x, settings, dead)
-            if not torch.isfinite(out.loss):
-                raise TrainingDivergedError(step, spec.hook, "loss")
-            if out.acts is None:
-                stats.update_sparse(out.idx, out.vals, count_density)
-            else:
-                stats.update(out.acts.detach(), count_density)
+            steps.append((x, out, dead, settings))
+            bad += [0, 0 if torch.isfinite(out.loss) else 1]
+        counts = [self.stats[sid].fire_counts(st[1]) if st
+                  else torch.zeros_like(self.stats[sid].fire_count)
+                  for sid, st in zip(self.saes, steps)]
+        *counts, flags = all_reduce_sum([*counts, torch.tensor(bad, device=counts[0].device)])
+        self._raise_if_diverged(step, flags.tolist())
+        total = None
+        for (sid, sae), (x, out, dead, settings), c in zip(self.saes.items(), steps, counts):
+            self.stats[sid].record(c, n, count_density)
             if log_now:
-                self.step_metrics[sid] = self._metrics(sae, x, out, dead, settings, sid)
+                self.step_metrics[sid] = self._metrics(sae, x, out, dead, settings, sid, n)
             total = out.loss if total is None else total + out.loss
-        self.tokens_seen += next(iter(batch.values())).shape[0]
+        self._sync_thresholds()
+        self.tokens_seen += n
         return total
 
+    def _raise_if_diverged(self, step: int, flags: list[int]) -> None:
+        """The first SAE with non-finite activations or loss on any process (every process
+        raises the same error at the same step, so none is left waiting for the others)."""
+        for i, sid in enumerate(self.saes):
+            if flags[2 * i] or flags[2 * i + 1]:
+                raise TrainingDivergedError(step, self.specs[sid].hook,
+                                            "activations" if flags[2 * i] else "loss")
+
     @torch.no_grad()
-    def _metrics(self, sae, x, out, dead, settings, sid) -> dict[str, float]:
+    def _sync_thresholds(self) -> None:
+        """BatchTopK / Matryoshka thresholds: the mean over the processes that have one."""
+        saes = [sae for sae in self.saes.values() if sae.architecture in ("batchtopk", "matryoshka")]
+        if world_size() == 1 or not saes:
+            return
+        t = torch.stack([sae.threshold.float() for sae in saes])
+        have = (t >= 0).float()
+        total, n = all_reduce_sum([t * have, have])
+        for sae, v, k in zip(saes, total, n):
+            sae.threshold.fill_(float(v / k) if k > 0 else -1.0)
+
+    @torch.no_grad()
+    def _metrics(self, sae, x, out, dead, settings, sid, n) -> dict[str, float]:
         x_n = sae.normalize_input(x.to(sae.W_enc.dtype))
         elapsed = max(time.perf_counter() - self._t0, 1e-9)
         m = {f"loss/{k}": float(v) for k, v in out.terms.items()}
@@ -183,8 +235,8 @@ class SAETrainingModule(L.LightningModule):
             "dead_fraction": float(dead.float().mean()),
             "sparsity_coefficient": settings.sparsity_coefficient,
             "lr": self._group_lr(sid),
-            "tokens_seen": float(int(self.tokens_seen) + x.shape[0]),
-            "tokens_per_s": (int(self.tokens_seen) + x.shape[0] - self._tokens_at_t0) / elapsed,
+            "tokens_seen": float(int(self.tokens_seen) + n),
+            "tokens_per_s": (int(self.tokens_seen) + n - self._tokens_at_t0) / elapsed,
         })
         if hasattr(sae, "k"):
             m["k"] = float(sae.k)
@@ -220,7 +272,11 @@ class SAETrainingModule(L.LightningModule):
 
 class ActivationDataModule(L.LightningDataModule):
     """Feeds the trainer from one language-model pass; its state (windows consumed) is saved
-    in checkpoints so a resumed job continues the token stream instead of repeating it."""
+    in checkpoints so a resumed job continues the token stream instead of repeating it.
+
+    Under DDP each process reads the windows whose number modulo world_size is its rank (or
+    its block of rows of each cache shard) and draws batch_tokens / world_size per step; the
+    checkpoint keeps the position of every process."""
 
     def __init__(self, lm, cfg: TrainConfig, cache=None):
         super().__init__()
@@ -234,22 +290,27 @@ class ActivationDataModule(L.LightningDataModule):
         from training.data import TokenWindows
 
         return TokenWindows(self.lm.tokenizer, self.cfg.context_size, dataset=self.cfg.dataset,
-                            text_column=self.cfg.text_column, skip_windows=skip)
+                            text_column=self.cfg.text_column, skip_windows=skip, rank=rank(),
+                            world_size=world_size())
 
     @property
     def stream(self) -> ActivationStream:
-        if self._stream is None and self.cache is not None:
+        if self._stream is not None:
+            return self._stream
+        batch = self.cfg.batch_tokens // world_size()  # this process's share of a step
+        seed = self.cfg.seed + self._skip + 7919 * rank()
+        if self.cache is not None:
             from training.cache import CacheStream
 
-            self._stream = CacheStream(self.cache, self.cfg.hooks,
-                                       batch_tokens=self.cfg.batch_tokens,
-                                       buffer_tokens=self.cfg.buffer_tokens,
-                                       seed=self.cfg.seed + self._skip, skip_shards=self._skip)
-        if self._stream is None:
+            self._stream = CacheStream(self.cache, self.cfg.hooks, batch_tokens=batch,
+                                       buffer_tokens=self.cfg.buffer_tokens, seed=seed,
+                                       skip_shards=self._skip, rank=rank(),
+                                       world_size=world_size())
+        else:
             self._stream = ActivationStream(
                 self.lm, self.cfg.hooks, self.make_windows, lm_batch_size=self.cfg.lm_batch_size,
-                batch_tokens=self.cfg.batch_tokens, buffer_tokens=self.cfg.buffer_tokens,
-                seed=self.cfg.seed + self._skip, skip_windows=self._skip)
+                batch_tokens=batch, buffer_tokens=self.cfg.buffer_tokens, seed=seed,
+                skip_windows=self._skip)
         return self._stream
 
     def train_dataloader(self):
@@ -257,9 +318,17 @@ class ActivationDataModule(L.LightningDataModule):
                                            batch_size=None, num_workers=0)
 
     def state_dict(self) -> dict[str, Any]:
+        """Called on every process when a checkpoint is written (rank 0's copy is saved)."""
         s = self._stream
-        return {"windows_consumed": s.windows_consumed if s else self._skip,
-                "tokens_harvested": s.tokens_harvested if s else 0}
+        state = {"windows_consumed": s.windows_consumed if s else self._skip,
+                 "tokens_harvested": s.tokens_harvested if s else 0}
+        if world_size() > 1:
+            state["rank_windows"] = [p for (p,) in all_gather_ints([state["windows_consumed"]])]
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._skip = int(state.get("windows_consumed", 0))
+        positions = state.get("rank_windows")
+        if positions and len(positions) == world_size():
+            self._skip = int(positions[rank()])
+        else:
+            self._skip = int(state.get("windows_consumed", 0))
