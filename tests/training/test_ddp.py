@@ -14,7 +14,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from itertools import islice
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from safetensors.torch import load_file
 from registry.cli import cli
 from registry.paths import runs_dir
 from registry.sae_files import load_sae
+from train_helpers import first_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 HOOK = "model.layers.1"
@@ -89,15 +89,7 @@ def test_two_processes_train_one_job(tiny_model_dir, mlflow_store, tmp_path):
 def test_killed_ddp_job_resumes(tiny_model_dir, mlflow_store, tmp_path):
     proc = saereg(["train", str(tiny_model_dir), *SMALL, *DDP, "--tokens", "64k",
                    "--checkpoint-every", "10"], cwd=tmp_path, start_new_session=True)
-    deadline = time.time() + 240
-    ckpt = None
-    while time.time() < deadline and proc.poll() is None:
-        found = list(runs_dir().glob("*/checkpoints/last.ckpt")) if runs_dir().exists() else []
-        if found:
-            ckpt = found[0]
-            time.sleep(0.5)  # let the checkpoint be written completely
-            break
-        time.sleep(0.2)
+    ckpt = first_checkpoint(proc)
     os.killpg(proc.pid, signal.SIGKILL)  # both processes: they share the session
     out = proc.communicate()[0].decode()
     assert ckpt is not None, out[-3000:]

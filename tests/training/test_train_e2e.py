@@ -20,6 +20,7 @@ from click.testing import CliRunner
 from registry.cli import cli
 from registry.paths import runs_dir
 from registry.sae_files import load_sae
+from train_helpers import first_checkpoint
 
 HOOKS = ["model.layers.1", "model.layers.2"]
 SMALL = ["--k", "8", "--expansion", "4", "--context-size", "64", "--batch-tokens", "512",
@@ -105,15 +106,7 @@ def test_killed_job_resumes_from_checkpoint(tiny_model_dir, mlflow_store):
            str(tiny_model_dir), "--hook", HOOKS[0], "--tokens", "200k", "--checkpoint-every", "10",
            *SMALL]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    deadline = time.time() + 240
-    ckpt = None
-    while time.time() < deadline and proc.poll() is None:
-        found = list(runs_dir().glob("*/checkpoints/last.ckpt")) if runs_dir().exists() else []
-        if found:
-            ckpt = found[0]
-            time.sleep(0.5)  # let it train a little past the checkpoint
-            break
-        time.sleep(0.2)
+    ckpt = first_checkpoint(proc)
     assert ckpt is not None, proc.communicate()[0].decode()[-3000:]
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
@@ -122,7 +115,7 @@ def test_killed_job_resumes_from_checkpoint(tiny_model_dir, mlflow_store):
     assert job["status"] == "running"  # killed: never marked finished
     (run_id,) = job["runs"].values()
     assert mlflow_store.get_run(run_id).info.status == "RUNNING"
-    ckpt_step = torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"]
+    ckpt_step = torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"]
     assert 0 < ckpt_step < 390
 
     started = int(time.time() * 1000)
