@@ -5,6 +5,8 @@ and the training module uses them."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -99,8 +101,12 @@ def test_training_module_uses_the_sparse_path(monkeypatch):
 
     sae = module.saes["h-topk-x2-k4"]
     out = compute_loss(sae, torch.randn(32, 16), LossSettings(), torch.zeros(32, dtype=torch.bool))
+    assert out.acts is None and out.idx is not None  # the sparse path's output
+    dense = SimpleNamespace(acts=out.dense_acts(), idx=None, vals=None)
     a, b = LatentStats(32), LatentStats(32)
-    a.update_sparse(out.idx, out.vals, True)
-    b.update(out.dense_acts(), True)
+    sparse_counts, dense_counts = a.fire_counts(out), b.fire_counts(dense)
+    assert torch.equal(sparse_counts, dense_counts) and int(sparse_counts.sum()) > 0
+    a.record(sparse_counts, 32, True)
+    b.record(dense_counts, 32, True)
     for name in ("tokens_since_fired", "fire_count", "count_tokens"):
         assert torch.equal(getattr(a, name), getattr(b, name))
