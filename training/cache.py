@@ -305,7 +305,10 @@ def write_cache(lm, hooks: list[str], out: str | Path, tokens: int, *,
 def evaluate_from_cache(source: CacheSource, saes: dict[str, tuple[str, Any]],
                         max_tokens: int) -> dict[str, dict[str, float]]:
     """Reconstruction metrics on the cache's held-out activations (no model, so no CE-loss
-    score or KL): explained_variance, mse per element, l0, shrinkage, dead_fraction."""
+    score or KL): explained_variance (and per token), mse per element, l0, shrinkage,
+    dead_fraction."""
+    from training.evaluate import per_token_ev
+
     held = source.manifest.get("heldout")
     if not held or max_tokens <= 0:
         return {sid: {} for sid in saes}
@@ -316,10 +319,12 @@ def evaluate_from_cache(source: CacheSource, saes: dict[str, tuple[str, Any]],
         x = data[hook][:max_tokens].to(source.device, torch.float32)
         acts = sae.encode(x)
         x_hat = sae.decode(acts)
-        resid = (x - x_hat).pow(2).sum()
-        total = (x - x.mean(0, keepdim=True)).pow(2).sum().clamp_min(1e-12)
+        per_token = (x - x_hat).double().pow(2).sum(-1)
+        resid = per_token.sum()
+        total = (x.double() - x.double().mean(0, keepdim=True)).pow(2).sum().clamp_min(1e-12)
         out[sid] = {
             "explained_variance": float(1 - resid / total),
+            "explained_variance_per_token": float(per_token_ev(x, per_token).mean()),
             "mse": float(resid / x.numel()),
             "l0": float((acts > 0).sum(-1).float().mean()),
             "shrinkage": float((x_hat.norm(dim=-1) / x.norm(dim=-1).clamp_min(1e-12)).mean()),

@@ -279,7 +279,8 @@ def _report(result) -> None:
         m = r.metrics
         console.print(f"\n[bold]{r.sae_id}[/]  hook {r.hook}, {r.architecture}, d_sae {r.d_sae}"
                       + (f", k {r.k}" if r.k else ""))
-        console.print(f"  held-out: explained variance {f(m.get('explained_variance'), '.3f')}  "
+        console.print(f"  held-out: explained variance {f(m.get('explained_variance'), '.3f')} "
+                      f"(per token {f(m.get('explained_variance_per_token'), '.3f')})  "
                       f"L0 {f(m.get('l0'), '.1f')}  CE-loss score {f(m.get('ce_loss_score'), '.3f')}  "
                       f"KL {f(m.get('kl_div'), '.4f')}  dead {f(m.get('dead_fraction'), '.3f')}")
         console.print(f"  MLflow run {r.run_id}")

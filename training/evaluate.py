@@ -7,7 +7,12 @@ non-special positions it was trained on; BOS keeps its original activation):
   output to zero at those positions;
 - kl_div: KL(clean || spliced) of next-token distributions, mean per predicted token;
 - explained_variance = 1 - sum||x - x_hat||^2 / sum||x - mean||^2, mse per element, L0,
-  shrinkage (mean ||x_hat|| / ||x||) and the fraction of latents that never fired.
+  shrinkage (mean ||x_hat|| / ||x||) and the fraction of latents that never fired;
+- explained_variance_per_token: the mean over tokens of 1 - ||x - x_hat||^2 / ||x - mean||^2
+  (mean: of the batch). The global ratio above is dominated by rare tokens of massive norm
+  (in SmolLM2's middle layers the first token after BOS of some windows has ~100x the median
+  norm, and is reconstructed well), so it can read far higher than what typical tokens get;
+  the per-token mean weighs every token alike.
 """
 
 from __future__ import annotations
@@ -27,6 +32,14 @@ class _Sums:
 
     def add(self, key: str, value: float) -> None:
         self.v[key] = self.v.get(key, 0.0) + float(value)
+
+
+def per_token_ev(x: torch.Tensor, resid: torch.Tensor) -> torch.Tensor:
+    """1 - ||x_t - x_hat_t||^2 / ||x_t - mean||^2 per token (``resid``: the squared error per
+    token), the mean taken over ``x``."""
+    x = x.double()
+    var = (x - x.mean(0, keepdim=True)).pow(2).sum(-1).clamp_min(1e-12)
+    return 1 - resid.double() / var
 
 
 def _ce_and_logp(logits: torch.Tensor, ids: torch.Tensor, valid: torch.Tensor):
@@ -96,8 +109,10 @@ def evaluate_saes(lm, saes: dict[str, tuple[str, SAE]], batches: Iterable[torch.
             s.add("ce_sae", ce_sae)
             s.add("ce_zero", zero_ce[hook])
             s.add("kl", kl)
-            s.add("resid", (x - x_hat).pow(2).sum())
-            s.add("sum_sq", x.pow(2).sum())
+            resid = (x - x_hat).double().pow(2).sum(-1)
+            s.add("resid", resid.sum())
+            s.add("sum_sq", x.double().pow(2).sum())
+            s.add("ev_tokens", per_token_ev(x, resid).sum())
             s.add("n", x.shape[0])
             s.add("l0", (acts > 0).sum())
             s.add("shrink", (x_hat.norm(dim=-1) / x.norm(dim=-1).clamp_min(1e-8)).sum())
@@ -125,6 +140,7 @@ def evaluate_saes(lm, saes: dict[str, tuple[str, SAE]], batches: Iterable[torch.
             "ce_loss_score": (ce_zero - ce_sae) / denom if abs(denom) > 1e-9 else float("nan"),
             "kl_div": v["kl"] / n_pred,
             "explained_variance": 1 - v["resid"] / max(total_var, 1e-12),
+            "explained_variance_per_token": v["ev_tokens"] / n,
             "mse": v["resid"] / (n * d_in),
             "l0": v["l0"] / n,
             "shrinkage": v["shrink"] / n,

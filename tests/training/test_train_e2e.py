@@ -29,7 +29,8 @@ SMALL = ["--k", "8", "--expansion", "4", "--context-size", "64", "--batch-tokens
 
 STEP_METRICS = {"mse", "explained_variance", "l0", "dead_fraction", "loss/mse", "loss/aux_k",
                 "loss/total", "lr", "k", "tokens_seen", "tokens_per_s"}
-EVAL_METRICS = {"eval/ce_loss_score", "eval/kl_div", "eval/explained_variance", "eval/l0"}
+EVAL_METRICS = {"eval/ce_loss_score", "eval/kl_div", "eval/explained_variance", "eval/l0",
+                "eval/explained_variance_per_token"}
 
 
 def run_cli(args):
@@ -94,6 +95,10 @@ def test_two_hooks_one_pass(tiny_model_dir, mlflow_store):
         reported = next(r for r in children if r.info.run_id == job["runs"][sid])
         assert ev > 0.3
         assert ev == pytest.approx(reported.data.metrics["eval/explained_variance"], abs=0.15)
+        x_hat = sae(x).detach()
+        ev_tok = float((1 - (x_hat - x).pow(2).sum(-1) / (x - x.mean(0)).pow(2).sum(-1)).mean())
+        assert ev_tok == pytest.approx(
+            reported.data.metrics["eval/explained_variance_per_token"], abs=0.15)
         sae_lens = pytest.importorskip("sae_lens")
         theirs = sae_lens.SAE.load_from_disk(folder)
         torch.testing.assert_close(theirs.encode(x), sae.encode(x), rtol=1e-4, atol=1e-4)
@@ -170,3 +175,22 @@ def test_unknown_model_lists_near_matches(mlflow_store):
     result = CliRunner().invoke(cli, ["train", "smollm", "--hook", "model.layers.1"])
     assert result.exit_code == 1
     assert "smollm2-135m" in result.output
+
+
+def test_per_token_explained_variance_is_not_ruled_by_one_massive_token():
+    """One token in 2,000 with 100x the norm, reconstructed exactly, makes the global ratio
+    read ~0.96 while every other token is reconstructed at half its size (0.75 each); the
+    per-token mean says 0.75."""
+    from training.evaluate import per_token_ev
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2000, 32, generator=g)
+    x[0] *= 100
+    x_hat = x * 0.5
+    x_hat[0] = x[0]
+    resid = (x - x_hat).pow(2).sum(-1)
+    global_ev = float(1 - resid.sum() / (x - x.mean(0)).pow(2).sum())
+    per_token = per_token_ev(x, resid)
+    assert global_ev > 0.95
+    assert float(per_token[0]) == pytest.approx(1.0)
+    assert float(per_token.mean()) == pytest.approx(0.75, abs=0.02)
