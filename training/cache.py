@@ -307,7 +307,7 @@ def evaluate_from_cache(source: CacheSource, saes: dict[str, tuple[str, Any]],
     """Reconstruction metrics on the cache's held-out activations (no model, so no CE-loss
     score or KL): explained_variance (and per token), mse per element, l0, shrinkage,
     dead_fraction."""
-    from training.evaluate import per_token_ev
+    from training.evaluate import per_token_ev, token_variance
 
     held = source.manifest.get("heldout")
     if not held or max_tokens <= 0:
@@ -319,12 +319,13 @@ def evaluate_from_cache(source: CacheSource, saes: dict[str, tuple[str, Any]],
         x = data[hook][:max_tokens].to(source.device, torch.float32)
         acts = sae.encode(x)
         x_hat = sae.decode(acts)
-        per_token = (x - x_hat).double().pow(2).sum(-1)
-        resid = per_token.sum()
-        total = (x.double() - x.double().mean(0, keepdim=True)).pow(2).sum().clamp_min(1e-12)
+        x64 = x.double()
+        per_token = (x64 - x_hat.double()).pow(2).sum(-1)
+        var = token_variance(x64)
+        resid, total = per_token.sum(), var.sum().clamp_min(1e-12)
         out[sid] = {
             "explained_variance": float(1 - resid / total),
-            "explained_variance_per_token": float(per_token_ev(x, per_token).mean()),
+            "explained_variance_per_token": float(per_token_ev(per_token, var).mean()),
             "mse": float(resid / x.numel()),
             "l0": float((acts > 0).sum(-1).float().mean()),
             "shrinkage": float((x_hat.norm(dim=-1) / x.norm(dim=-1).clamp_min(1e-12)).mean()),

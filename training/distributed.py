@@ -35,11 +35,11 @@ def rank() -> int:
     return dist.get_rank() if initialized() else 0
 
 
-def _comm_device(t: torch.Tensor | None = None) -> torch.device:
-    """Where a collective's tensor must live: the current GPU for nccl, else the CPU."""
+def _comm_device(t: torch.Tensor) -> torch.device:
+    """Where a collective's tensor must live: the current GPU for nccl, else where it is."""
     if dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
-    return t.device if t is not None else torch.device("cpu")
+    return t.device
 
 
 def make_strategy(cfg) -> Any:
@@ -86,14 +86,13 @@ def broadcast_(tensors: list[torch.Tensor], src: int = 0) -> None:
         t.detach().copy_(buf)
 
 
-def all_gather_ints(values: list[int]) -> list[list[int]]:
-    """The ``values`` of every process, by rank (all processes pass lists of one length)."""
+def all_gather_objects(value: Any) -> list[Any]:
+    """``value`` (JSON-like: numbers, strings, lists, dicts) of every process, by rank."""
     if world_size() == 1:
-        return [list(values)]
-    t = torch.tensor(values, dtype=torch.long, device=_comm_device())
-    out = [torch.empty_like(t) for _ in range(world_size())]
-    dist.all_gather(out, t)
-    return [[int(v) for v in o.cpu()] for o in out]
+        return [value]
+    out: list[Any] = [None] * world_size()
+    dist.all_gather_object(out, value)
+    return out
 
 
 def barrier() -> None:
@@ -136,14 +135,8 @@ class RankReport(L.Callback):
     def on_train_end(self, trainer, pl_module) -> None:
         stream = trainer.datamodule.stream
         sids = list(pl_module.saes)
-        digests = [stream.data_digest, tensors_sha256(pl_module.state_dict()),
-                   *(exported_sha256(pl_module.saes[sid]) for sid in sids)]
-        mine = [self.tokens, int(stream.tokens_harvested), int(stream.windows_consumed)]
-        for d in digests:
-            mine += list(bytes.fromhex(d))
-        self.ranks = []
-        for r, v in enumerate(all_gather_ints(mine)):
-            hexes = [bytes(v[i:i + 32]).hex() for i in range(3, len(v), 32)]
-            self.ranks.append({"rank": r, "tokens": v[0], "tokens_harvested": v[1],
-                               "position": v[2], "data_sha256": hexes[0],
-                               "state_sha256": hexes[1], "sae_sha256": dict(zip(sids, hexes[2:]))})
+        mine = {"tokens": self.tokens, "tokens_harvested": int(stream.tokens_harvested),
+                "position": int(stream.windows_consumed), "data_sha256": stream.data_digest,
+                "state_sha256": tensors_sha256(pl_module.state_dict()),
+                "sae_sha256": {sid: exported_sha256(pl_module.saes[sid]) for sid in sids}}
+        self.ranks = [{"rank": r, **v} for r, v in enumerate(all_gather_objects(mine))]

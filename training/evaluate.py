@@ -34,12 +34,15 @@ class _Sums:
         self.v[key] = self.v.get(key, 0.0) + float(value)
 
 
-def per_token_ev(x: torch.Tensor, resid: torch.Tensor) -> torch.Tensor:
-    """1 - ||x_t - x_hat_t||^2 / ||x_t - mean||^2 per token (``resid``: the squared error per
-    token), the mean taken over ``x``."""
-    x = x.double()
-    var = (x - x.mean(0, keepdim=True)).pow(2).sum(-1).clamp_min(1e-12)
-    return 1 - resid.double() / var
+def token_variance(x: torch.Tensor) -> torch.Tensor:
+    """||x_t - mean||^2 per token, the mean taken over ``x``."""
+    return (x - x.mean(0, keepdim=True)).pow(2).sum(-1)
+
+
+def per_token_ev(resid: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+    """1 - ||x_t - x_hat_t||^2 / ||x_t - mean||^2 per token, from the squared error per token
+    (``resid``) and :func:`token_variance`."""
+    return 1 - resid / var.clamp_min(1e-12)
 
 
 def _ce_and_logp(logits: torch.Tensor, ids: torch.Tensor, valid: torch.Tensor):
@@ -109,15 +112,16 @@ def evaluate_saes(lm, saes: dict[str, tuple[str, SAE]], batches: Iterable[torch.
             s.add("ce_sae", ce_sae)
             s.add("ce_zero", zero_ce[hook])
             s.add("kl", kl)
-            resid = (x - x_hat).double().pow(2).sum(-1)
+            x64 = x.double()
+            resid = (x64 - x_hat.double()).pow(2).sum(-1)
             s.add("resid", resid.sum())
-            s.add("sum_sq", x.double().pow(2).sum())
-            s.add("ev_tokens", per_token_ev(x, resid).sum())
+            s.add("sum_sq", x64.pow(2).sum())
+            s.add("ev_tokens", per_token_ev(resid, token_variance(x64)).sum())
             s.add("n", x.shape[0])
             s.add("l0", (acts > 0).sum())
             s.add("shrink", (x_hat.norm(dim=-1) / x.norm(dim=-1).clamp_min(1e-8)).sum())
             s.v.setdefault("sum_x", torch.zeros(x.shape[-1], dtype=torch.float64))
-            s.v["sum_x"] = s.v["sum_x"] + x.double().sum(0).cpu()
+            s.v["sum_x"] = s.v["sum_x"] + x64.sum(0).cpu()
             fired[sid] |= (acts > 0).any(0).cpu()
         seen += n_pred
     results = {}

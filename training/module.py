@@ -26,7 +26,7 @@ from registry.errors import TrainingDivergedError
 from registry.sae import SAE, SAEConfig, build_sae, expected_norm_scale
 from training.activations import ActivationStream, StreamDataset
 from training.config import SAETrainConfig, TrainConfig
-from training.distributed import all_gather_ints, all_reduce_sum, broadcast_, rank, world_size
+from training.distributed import all_gather_objects, all_reduce_sum, broadcast_, rank, world_size
 from training.losses import LossSettings, compute_loss, explained_variance, geometric_median, k_at, warmup
 
 INIT_SAMPLE_TOKENS = 4096
@@ -323,7 +323,7 @@ class ActivationDataModule(L.LightningDataModule):
         state = {"windows_consumed": s.windows_consumed if s else self._skip,
                  "tokens_harvested": s.tokens_harvested if s else 0}
         if world_size() > 1:
-            state["rank_windows"] = [p for (p,) in all_gather_ints([state["windows_consumed"]])]
+            state["rank_windows"] = all_gather_objects(int(state["windows_consumed"]))
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

@@ -181,7 +181,7 @@ def test_per_token_explained_variance_is_not_ruled_by_one_massive_token():
     """One token in 2,000 with 100x the norm, reconstructed exactly, makes the global ratio
     read ~0.96 while every other token is reconstructed at half its size (0.75 each); the
     per-token mean says 0.75."""
-    from training.evaluate import per_token_ev
+    from training.evaluate import per_token_ev, token_variance
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2000, 32, generator=g)
@@ -190,7 +190,7 @@ def test_per_token_explained_variance_is_not_ruled_by_one_massive_token():
     x_hat[0] = x[0]
     resid = (x - x_hat).pow(2).sum(-1)
     global_ev = float(1 - resid.sum() / (x - x.mean(0)).pow(2).sum())
-    per_token = per_token_ev(x, resid)
+    per_token = per_token_ev(resid, token_variance(x))
     assert global_ev > 0.95
     assert float(per_token[0]) == pytest.approx(1.0)
     assert float(per_token.mean()) == pytest.approx(0.75, abs=0.02)
