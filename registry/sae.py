@@ -188,12 +188,15 @@ class SAE(nn.Module):
 
     @torch.no_grad()
     def remove_decoder_radial_grad(self) -> None:
-        """Project out the gradient component parallel to each (unit-norm) decoder row."""
-        if self.W_dec.grad is None:
+        """Project out the gradient component parallel to each decoder row, in place:
+        g_i -= (<g_i, w_i> / ||w_i||^2) w_i, with no temporary the size of W_dec."""
+        g = self.W_dec.grad
+        if g is None:
             return
-        w = self.W_dec / self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8)
-        radial = (self.W_dec.grad * w).sum(dim=1, keepdim=True)
-        self.W_dec.grad.sub_(radial * w)
+        w = self.W_dec
+        dots = torch.bmm(g.unsqueeze(1), w.unsqueeze(2)).view(-1)
+        coef = dots.div_(w.norm(dim=1).square_().clamp_min_(1e-16))
+        g.addcmul_(w, coef.unsqueeze(1), value=-1)
 
 
 class ReLUSAE(SAE):

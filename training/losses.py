@@ -152,23 +152,24 @@ def sparse_topk_loss(sae: TopKSAE, x: torch.Tensor, s: LossSettings,
                      dead: torch.Tensor) -> LossOutput:
     """MSE + alpha * AuxK for a TopK SAE through the sparse kernels (same values and gradients
     as the dense path, see training.kernels)."""
-    from training.kernels import GatheredPreActs, sparse_decode, topk_encode
+    from training.kernels import ActivePattern, gathered_pre_acts, sparse_decode, topk_encode
 
-    x_n, x_c, pre, idx, vals = topk_encode(sae, x, sae.k)
-    x_hat = sparse_decode(idx, vals, sae.W_dec, sae.b_dec)
+    x_n, x_c, pre, pattern, vals = topk_encode(sae, x, sae.k)
+    x_hat = sparse_decode(pattern, vals, sae.W_dec, sae.b_dec)
     mse = sq_error(x_hat, x_n)
     n_dead = int(dead.sum())
     if n_dead:
         k_aux = min(s.aux_k, n_dead)
-        masked = torch.where(dead, pre, torch.full_like(pre, -torch.inf))
-        aux_idx = masked.topk(k_aux, dim=-1, sorted=False).indices
-        aux_vals = GatheredPreActs.apply(x_c, sae.W_enc, sae.b_enc, aux_idx, pre).relu()
-        e_hat = sparse_decode(aux_idx, aux_vals, sae.W_dec, torch.zeros_like(sae.b_dec))
+        with torch.no_grad():  # pre is a workspace, already gathered from: mask it in place
+            aux_idx = pre.masked_fill_(~dead, -torch.inf).topk(k_aux, dim=-1, sorted=False).indices
+        aux_pattern = ActivePattern(aux_idx, sae.cfg.d_sae)
+        aux_vals = gathered_pre_acts(sae, x_n, x_c, aux_pattern, aux_idx, pre).relu()
+        e_hat = sparse_decode(aux_pattern, aux_vals, sae.W_dec, None)
         aux = torch.nan_to_num((e_hat - (x_n - x_hat).detach()).pow(2).sum(-1).mean(), nan=0.0)
     else:
         aux = pre.new_zeros(())
     return LossOutput(loss=mse + s.aux_k_alpha * aux, acts=None, x_hat=x_hat,
-                      terms={"aux_k": aux, "mse": mse}, idx=idx, vals=vals.detach(),
+                      terms={"aux_k": aux, "mse": mse}, idx=pattern.idx, vals=vals.detach(),
                       d_sae=sae.cfg.d_sae)
 
 

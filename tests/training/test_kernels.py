@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from registry.sae import SAEConfig, build_sae
-from training.kernels import GatheredPreActs, sparse_decode, topk_encode
+from training.kernels import ActivePattern, gathered_pre_acts, sparse_decode, topk_encode, workspace
 from training.losses import LossSettings, compute_loss
 
 
@@ -45,20 +45,79 @@ def test_decode_gather_matches_dense():
         torch.testing.assert_close(g_sparse[name], g_dense[name])
 
 
-def test_encoder_backward_touches_only_active_latents():
+@pytest.mark.parametrize("centred", [True, False])
+def test_encoder_backward_touches_only_active_latents(centred):
     sae, x = make()
+    sae.cfg.apply_b_dec_to_input = centred
     w = torch.randn(x.shape[0], sae.k)
-    x_n, x_c, pre, idx, vals = topk_encode(sae, x, sae.k)
+    x_n, x_c, pre, pattern, vals = topk_encode(sae, x, sae.k)
+    idx = pattern.idx
     g_sparse = grads(sae, (vals * w).sum())
     dense_pre = sae.pre_acts(x)
     g_dense = grads(sae, (dense_pre.gather(-1, idx).relu() * w).sum())
     for name in ("W_enc", "b_enc", "b_dec"):
-        torch.testing.assert_close(g_sparse[name], g_dense[name])
+        if name in g_dense:
+            torch.testing.assert_close(g_sparse[name], g_dense[name])
+    assert ("b_dec" in g_sparse) == centred == ("b_dec" in g_dense)
     inactive = torch.ones(sae.cfg.d_sae, dtype=torch.bool)
     inactive[idx.unique()] = False
     assert (g_sparse["W_enc"][:, inactive] == 0).all() and (g_sparse["b_enc"][inactive] == 0).all()
-    torch.testing.assert_close(GatheredPreActs.apply(x_c, sae.W_enc, sae.b_enc, idx, pre),
+    torch.testing.assert_close(gathered_pre_acts(sae, x_n, x_c, pattern, idx, pre),
                                dense_pre.gather(-1, idx))
+
+
+def test_input_gradient_when_the_input_requires_it():
+    """The input's own gradient (G W_enc^T per token) when x is a leaf that needs one."""
+    sae, x = make()
+    w = torch.randn(x.shape[0], sae.k)
+    x_sparse = x.clone().requires_grad_(True)
+    _, _, _, pattern, vals = topk_encode(sae, x_sparse, sae.k)
+    (vals * w).sum().backward()
+    x_dense = x.clone().requires_grad_(True)
+    (sae.pre_acts(x_dense).gather(-1, pattern.idx).relu() * w).sum().backward()
+    torch.testing.assert_close(x_sparse.grad, x_dense.grad)
+
+
+def test_active_pattern_product_matches_dense():
+    g = torch.Generator().manual_seed(3)
+    idx = torch.randint(0, 50, (30, 4), generator=g)
+    idx[0] = idx[1]  # a latent active in several tokens, and duplicates within a token
+    idx[2, 1] = idx[2, 0]
+    vals, dense = torch.randn(30, 4, generator=g), torch.randn(30, 7, generator=g)
+    s = torch.zeros(30, 50).index_put_((torch.arange(30)[:, None].expand(30, 4), idx), vals,
+                                       accumulate=True)
+    pattern = ActivePattern(idx, 50)
+    torch.testing.assert_close(pattern.t_matmul(vals, dense), s.t() @ dense)
+    torch.testing.assert_close(pattern.t_matmul(2 * vals, dense), 2 * (s.t() @ dense))
+
+
+def test_workspace_is_reused_and_grows():
+    a = workspace(4, 8, torch.float32, torch.device("cpu"))
+    b = workspace(2, 8, torch.float32, torch.device("cpu"))
+    assert b.data_ptr() == a.data_ptr() and b.shape == (2, 8)
+    c = workspace(16, 8, torch.float32, torch.device("cpu"))
+    assert c.shape == (16, 8)
+    assert workspace(4, 8, torch.float32, torch.device("cpu")).data_ptr() == c.data_ptr()
+    assert workspace(4, 8, torch.float64, torch.device("cpu")).data_ptr() != c.data_ptr()
+
+
+def test_saes_of_different_widths_in_one_step_match_the_dense_reference():
+    """Two SAEs share the CPU workspace within one step; each one's loss and gradients are
+    still its own."""
+    (big, x), (small, _) = make(d_sae=96), make(d_sae=48, seed=1)
+    dead = torch.zeros(96, dtype=torch.bool)
+    dead[:30] = True
+    refs = [compute_loss(m, x, LossSettings(aux_k=8, sparse_topk=False), d)
+            for m, d in ((big, dead), (small, dead[:48]))]
+    g_refs = [grads(m, r.loss) for m, r in zip((big, small), refs)]
+    fast = [compute_loss(m, x, LossSettings(aux_k=8), d) for m, d in ((big, dead), (small, dead[:48]))]
+    for m in (big, small):
+        m.zero_grad(set_to_none=True)
+    (fast[0].loss + fast[1].loss).backward()
+    for m, r, f, g_ref in zip((big, small), refs, fast, g_refs):
+        torch.testing.assert_close(f.loss, r.loss)
+        for name, p in m.named_parameters():
+            torch.testing.assert_close(p.grad, g_ref[name], rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("n_dead", [0, 5, 60])
