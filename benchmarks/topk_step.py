@@ -4,8 +4,8 @@ SparseCoder and sae-lens's TopKTrainingSAE, on the same activations, interleaved
 A step is forward, loss, backward and an Adam step on ``--batch`` tokens (no dead latents, so
 no AuxK term anywhere); every contender gets the same fused Adam, so the ratios compare the
 SAE kernels. The GEMM-bound limit is the one matrix product every dense-encoder
-TopK SAE must do, x @ W_enc ([B, d_in] x [d_in, d_sae]), timed in the same loop; its share is
-t_gemm / t_step. Needs ``pip install -e '.[bench]'``.
+TopK SAE must do, x @ W_enc ([B, d_in] x [d_in, d_sae]) into an output allocated once, timed
+in the same loop; its share is t_gemm / t_step. Needs ``pip install -e '.[bench]'``.
 
     python benchmarks/topk_step.py --d-sae 4608,36864 --repeats 3
 """
@@ -87,12 +87,13 @@ def main() -> None:
     for d_sae in [int(v) for v in args.d_sae.split(",")]:
         x = torch.randn(args.batch, args.d_in, generator=g)
         w = torch.randn(args.d_in, d_sae, generator=g)
+        gemm_out = torch.empty(args.batch, d_sae)
         impls = {
             "ours (sparse)": ours(args.d_in, d_sae, args.k, True),
             "ours (dense ref)": ours(args.d_in, d_sae, args.k, False),
             "sparsify": sparsify_step(args.d_in, d_sae, args.k),
             "sae-lens": saelens_step(args.d_in, d_sae, args.k),
-            "GEMM x@W_enc": lambda x, w=w: x @ w,
+            "GEMM x@W_enc": lambda x, w=w, o=gemm_out: torch.mm(x, w, out=o),
         }
         times = {name: [] for name in impls}
         for name, fn in impls.items():  # warm-up

@@ -146,6 +146,11 @@ def workspace(rows: int, cols: int, dtype: torch.dtype, device: torch.device) ->
     return buf[: rows * cols].view(rows, cols)
 
 
+def release_workspaces() -> None:
+    """Free this thread's workspaces (the next :func:`workspace` call allocates anew)."""
+    _workspaces.__dict__.pop("bufs", None)
+
+
 def gathered_pre_acts(sae, x_n: torch.Tensor, x_c: torch.Tensor, pattern: ActivePattern,
                       idx: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
     """pre gathered at idx [B, j], differentiable w.r.t. x_n and the SAE's parameters."""

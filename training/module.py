@@ -269,6 +269,11 @@ class SAETrainingModule(L.LightningModule):
                 if sae.architecture == "jumprelu":
                     sae.threshold.clamp_(min=1e-6)
 
+    def on_train_end(self) -> None:
+        from training.kernels import release_workspaces
+
+        release_workspaces()  # the TopK pre-activation buffer; evaluation allocates its own
+
 
 class ActivationDataModule(L.LightningDataModule):
     """Feeds the trainer from one language-model pass; its state (windows consumed) is saved

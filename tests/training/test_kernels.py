@@ -10,8 +10,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import training.kernels as kernels_module
 from registry.sae import SAEConfig, build_sae
-from training.kernels import ActivePattern, gathered_pre_acts, sparse_decode, topk_encode, workspace
+from training.kernels import (ActivePattern, gathered_pre_acts, release_workspaces, sparse_decode,
+                              topk_encode, workspace)
 from training.losses import LossSettings, compute_loss
 
 
@@ -99,6 +101,8 @@ def test_workspace_is_reused_and_grows():
     assert c.shape == (16, 8)
     assert workspace(4, 8, torch.float32, torch.device("cpu")).data_ptr() == c.data_ptr()
     assert workspace(4, 8, torch.float64, torch.device("cpu")).data_ptr() != c.data_ptr()
+    release_workspaces()
+    assert not getattr(kernels_module._workspaces, "bufs", None)
 
 
 def test_saes_of_different_widths_in_one_step_match_the_dense_reference():
@@ -155,6 +159,9 @@ def test_training_module_uses_the_sparse_path(monkeypatch):
     module.log = lambda *a, **k: None
     module.training_step({"h": torch.randn(32, 16)}, 0)
     assert calls
+    assert kernels_module._workspaces.bufs  # the pre-activations' buffer, freed when training ends
+    module.on_train_end()
+    assert not getattr(kernels_module._workspaces, "bufs", None)
     # the sparse firing statistics equal the dense ones
     from training.module import LatentStats
 
