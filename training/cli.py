@@ -137,6 +137,9 @@ def train_options(f):
                      help="Machines running the same command (Lightning's launcher: MASTER_ADDR, "
                           "NODE_RANK, ... or torchrun)."),
         click.option("--dtype", default="float32", show_default=True, help="Model dtype."),
+        click.option("--precision", default="32", show_default=True,
+                     help="SAE training precision: 32 or bf16-mixed (encoder product and top-k "
+                          "in bfloat16, float32 weights and optimizer)."),
         click.option("--seed", type=int, default=0, show_default=True),
         click.option("--experiment", default="sae-registry", show_default=True, help="MLflow experiment."),
         click.option("--run-name", default=None),
@@ -161,7 +164,7 @@ def train(model, hooks, archs, ks, expansions, d_sae, tokens, dataset, text_colu
           batch_tokens, lm_batch_size, buffer_tokens, lr, sparsity_coefficient,
           sparsity_warmup_tokens, k_start, k_anneal_tokens, dead_tokens, aux_k_alpha,
           ghost_grads, eval_tokens, log_every, checkpoint_every, device, devices, strategy,
-          num_nodes, dtype, seed, experiment, run_name, no_progress, register, resume,
+          num_nodes, dtype, precision, seed, experiment, run_name, no_progress, register, resume,
           from_cache) -> None:
     """Train SAEs on MODEL's activations at one or more hook points, from one model pass.
 
@@ -201,7 +204,8 @@ def train(model, hooks, archs, ks, expansions, d_sae, tokens, dataset, text_colu
                       lm_batch_size=lm_batch_size, buffer_tokens=buffer_tokens,
                       eval_tokens=eval_tokens, log_every=log_every,
                       checkpoint_every=checkpoint_every, device=device, devices=devices,
-                      strategy=strategy, num_nodes=num_nodes, dtype=dtype, seed=seed,
+                      strategy=strategy, num_nodes=num_nodes, dtype=dtype,
+                      precision=precision, seed=seed,
                       experiment=experiment, run_name=run_name, from_cache=from_cache)
     _finish(run_training(cfg, progress=not no_progress), register)
 

@@ -16,6 +16,7 @@ from registry.errors import ConfigError
 from registry.sae import ARCHITECTURES, K_ARCHITECTURES
 
 STRATEGIES = ("auto", "ddp")
+PRECISIONS = ("32", "bf16-mixed")
 
 
 @dataclass
@@ -154,6 +155,9 @@ class TrainConfig:
     MASTER_ADDR, MASTER_PORT, NODE_RANK, WORLD_SIZE, or torchrun)."""
     dtype: str = "float32"
     """Language-model dtype."""
+    precision: str = "32"
+    """SAE training precision: 32, or bf16-mixed (autocast: the encoder's matrix product and
+    the top-k selection in bfloat16, weights, gradients and Adam in float32)."""
     experiment: str = "sae-registry"
     """MLflow experiment name."""
     seed: int = 0
@@ -200,6 +204,9 @@ class TrainConfig:
                     "client into new processes, use ddp") if self.strategy == "ddp_spawn" else ""
             raise ConfigError(f"--strategy must be one of {', '.join(STRATEGIES)}; "
                               f"got {self.strategy!r}{hint}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}; "
+                              f"got {self.precision!r}")
         if self.devices > 1 and (":" in self.device or self.device == "mps"):
             raise ConfigError(f"--device {self.device} names a single device; with --devices "
                               f"{self.devices} use --device cuda, cpu or auto")

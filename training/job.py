@@ -153,7 +153,8 @@ def make_trainer(cfg: TrainConfig, device: str, job_dir: Path):
         return L.Trainer(max_steps=cfg.total_steps, max_epochs=-1,
                          accelerator="gpu" if device.startswith("cuda") else "cpu",
                          devices=cfg.devices, num_nodes=cfg.num_nodes,
-                         strategy=make_strategy(cfg), logger=False, enable_progress_bar=False,
+                         strategy=make_strategy(cfg), precision=cfg.precision,
+                         logger=False, enable_progress_bar=False,
                          enable_model_summary=False, num_sanity_val_steps=0,
                          default_root_dir=job_dir, callbacks=[*extra, checkpoint])
     except MisconfigurationException as e:  # e.g. more --devices than this machine has

@@ -71,7 +71,7 @@ class GatheredPreActs(torch.autograd.Function):
     def forward(ctx, x_n, b_dec, W_enc, b_enc, pattern: ActivePattern, idx, pre, x_c):
         ctx.save_for_backward(x_c, W_enc, idx)
         ctx.pattern = pattern
-        return pre.gather(-1, idx)
+        return pre.gather(-1, idx).to(W_enc.dtype)
 
     @staticmethod
     def backward(ctx, grad):
@@ -162,10 +162,14 @@ def topk_encode(sae, x: torch.Tensor, k: int):
     """(x_n, x_c detached, pre without grad, the active pattern, their relu'd values with the
     sparse backward). ``pre`` is a workspace: valid until the next call on this thread."""
     x_n = sae.normalize_input(x.to(sae.W_enc.dtype))
-    with torch.no_grad():
+    kind = x_n.device.type
+    # under autocast (bf16-mixed) the product and the selection run in its dtype; the gathered
+    # values and every gradient stay in the parameters' dtype
+    dt = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x_n.dtype
+    with torch.no_grad(), torch.autocast(kind, enabled=False):
         x_c = x_n - sae.b_dec if sae.cfg.apply_b_dec_to_input else x_n.detach()
-        pre = workspace(x_c.shape[0], sae.cfg.d_sae, x_c.dtype, x_c.device)
-        torch.mm(x_c, sae.W_enc, out=pre).add_(sae.b_enc)
+        pre = workspace(x_c.shape[0], sae.cfg.d_sae, dt, x_c.device)
+        torch.mm(x_c.to(dt), sae.W_enc.to(dt), out=pre).add_(sae.b_enc.to(dt))
         idx = pre.topk(k, dim=-1, sorted=False).indices
     pattern = ActivePattern(idx, sae.cfg.d_sae)
     vals = gathered_pre_acts(sae, x_n, x_c, pattern, idx, pre).relu()

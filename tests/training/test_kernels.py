@@ -144,6 +144,29 @@ def test_topk_loss_and_grads_match_dense_reference(n_dead):
         torch.testing.assert_close(g_fast[name], g_ref[name], rtol=1e-4, atol=1e-5)
 
 
+def test_sparse_path_under_bf16_autocast():
+    """Under autocast the product and top-k run in bfloat16 (the workspace has that dtype); the
+    loss and gradients are float32, agree with the dense path under the same autocast and stay
+    within bfloat16 rounding of the float32 loss."""
+    sae, x = make(d_in=32, d_sae=256, k=8)
+    dead = torch.zeros(256, dtype=torch.bool)
+    dead[:40] = True
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, _, pre, _, vals = topk_encode(sae, x, sae.k)
+        assert pre.dtype == torch.bfloat16 and vals.dtype == torch.float32
+        fast = compute_loss(sae, x, LossSettings(aux_k=12), dead)
+        ref = compute_loss(sae, x, LossSettings(aux_k=12, sparse_topk=False), dead)
+    g_fast, g_ref = grads(sae, fast.loss), grads(sae, ref.loss)
+    assert fast.loss.dtype == torch.float32
+    torch.testing.assert_close(fast.loss, ref.loss, rtol=2e-2, atol=1e-3)
+    for name in g_ref:  # bf16 rounding can swap near-tied latents, so compare whole gradients
+        assert g_fast[name].dtype == torch.float32
+        rel = float((g_fast[name] - g_ref[name]).norm() / g_ref[name].norm())
+        assert rel < 0.08, (name, rel)
+    full = compute_loss(sae, x, LossSettings(aux_k=12), dead)
+    torch.testing.assert_close(fast.loss, full.loss, rtol=2e-2, atol=1e-3)
+
+
 def test_training_module_uses_the_sparse_path(monkeypatch):
     import training.kernels as kernels
     from training.config import SAETrainConfig, TrainConfig

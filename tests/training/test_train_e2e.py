@@ -105,6 +105,26 @@ def test_two_hooks_one_pass(tiny_model_dir, mlflow_store):
     assert "mlflow ui --backend-store-uri" in result.output
 
 
+def test_bf16_mixed_precision_trains_float32_weights(tiny_model_dir, mlflow_store):
+    """--precision bf16-mixed: the encoder product and top-k run in bfloat16 under autocast
+    (TopK through the sparse kernels, ReLU through the dense path); weights, optimizer and the
+    saved SAE stay float32 and reconstruct held-out activations."""
+    hook = HOOKS[0]
+    result = run_cli(["train", str(tiny_model_dir), "--hook", hook, "--arch", "topk,relu",
+                      "--tokens", "16384", "--precision", "bf16-mixed", *SMALL])
+    assert result.exit_code == 0, result.output
+    job = json.loads(next(runs_dir().glob("*/job.json")).read_text())
+    assert job["status"] == "finished" and job["config"]["precision"] == "bf16-mixed"
+    x = held_out_activations(tiny_model_dir, hook)
+    children, _ = child_runs(mlflow_store)
+    assert {r.data.tags["architecture"] for r in children} == {"topk", "relu"}
+    for sid, folder in job["saes"].items():
+        sae = load_sae(folder)
+        assert {p.dtype for p in sae.parameters()} == {torch.float32}
+        ev = float(1 - (sae(x).detach() - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
+        assert ev > 0.3, (sid, ev)
+
+
 def test_killed_job_resumes_from_checkpoint(tiny_model_dir, mlflow_store):
     env = dict(os.environ)
     cmd = [sys.executable, "-c", "from registry.cli import main; main()", "train",
@@ -161,6 +181,7 @@ def test_nan_stops_with_step_and_hook(tiny_model_dir, mlflow_store):
     (["--hook", "model.layers.1", "--expansion", "-2"], 2, "at least 1"),
     (["--hook", "model.layers.1", "--tokens", "100", "--batch-tokens", "512"], 2, "smaller than one batch"),
     (["--hook", "model.layers.1", "--dataset", "/no/such/corpus.jsonl"], 1, "/no/such/corpus.jsonl"),
+    (["--hook", "model.layers.1", "--precision", "fp8"], 2, "--precision must be one of 32, bf16-mixed"),
 ])
 def test_bad_input(tiny_model_dir, mlflow_store, args, code, message):
     result = CliRunner().invoke(cli, ["train", str(tiny_model_dir), "--no-progress", *args])
