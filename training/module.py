@@ -262,7 +262,10 @@ class SAETrainingModule(L.LightningModule):
         for sae in self.saes.values():
             sae.remove_decoder_radial_grad()
 
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+    def optimizer_step(self, *args, **kwargs) -> None:
+        """The update, then the constraints it must leave intact; before the callbacks of the
+        step's end run, so a checkpoint holds the weights the next step starts from."""
+        super().optimizer_step(*args, **kwargs)
         with torch.no_grad():
             for sae in self.saes.values():
                 sae.set_decoder_norm_to_unit()

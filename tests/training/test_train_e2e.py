@@ -140,8 +140,13 @@ def test_killed_job_resumes_from_checkpoint(tiny_model_dir, mlflow_store):
     assert job["status"] == "running"  # killed: never marked finished
     (run_id,) = job["runs"].values()
     assert mlflow_store.get_run(run_id).info.status == "RUNNING"
-    ckpt_step = torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"]
+    saved = torch.load(ckpt, map_location="cpu", weights_only=True)
+    ckpt_step = saved["global_step"]
     assert 0 < ckpt_step < 390
+    # the checkpoint is written after the step's decoder renormalisation, so a resumed job
+    # starts from the weights an uninterrupted one would have had
+    (w_dec,) = [v for k, v in saved["state_dict"].items() if k.endswith("W_dec")]
+    torch.testing.assert_close(w_dec.norm(dim=1), torch.ones(w_dec.shape[0]), rtol=0, atol=1e-6)
 
     started = int(time.time() * 1000)
     result = run_cli(["train", "--resume", str(job_dir), "--no-progress"])
