@@ -137,6 +137,8 @@ def train_options(f):
                      help="Machines running the same command (Lightning's launcher: MASTER_ADDR, "
                           "NODE_RANK, ... or torchrun)."),
         click.option("--dtype", default="float32", show_default=True, help="Model dtype."),
+        click.option("--compile", "compile_", is_flag=True,
+                     help="torch.compile the loss of relu, jumprelu and gated SAEs."),
         click.option("--precision", default="32", show_default=True,
                      help="SAE training precision: 32 or bf16-mixed (encoder product and top-k "
                           "in bfloat16, float32 weights and optimizer)."),
@@ -164,8 +166,8 @@ def train(model, hooks, archs, ks, expansions, d_sae, tokens, dataset, text_colu
           batch_tokens, lm_batch_size, buffer_tokens, lr, sparsity_coefficient,
           sparsity_warmup_tokens, k_start, k_anneal_tokens, dead_tokens, aux_k_alpha,
           ghost_grads, eval_tokens, log_every, checkpoint_every, device, devices, strategy,
-          num_nodes, dtype, precision, seed, experiment, run_name, no_progress, register, resume,
-          from_cache) -> None:
+          num_nodes, dtype, compile_, precision, seed, experiment, run_name, no_progress,
+          register, resume, from_cache) -> None:
     """Train SAEs on MODEL's activations at one or more hook points, from one model pass.
 
     Every combination of --hook, --arch, --k and --expansion trains its own SAE with its own
@@ -205,7 +207,7 @@ def train(model, hooks, archs, ks, expansions, d_sae, tokens, dataset, text_colu
                       eval_tokens=eval_tokens, log_every=log_every,
                       checkpoint_every=checkpoint_every, device=device, devices=devices,
                       strategy=strategy, num_nodes=num_nodes, dtype=dtype,
-                      precision=precision, seed=seed,
+                      compile=compile_, precision=precision, seed=seed,
                       experiment=experiment, run_name=run_name, from_cache=from_cache)
     _finish(run_training(cfg, progress=not no_progress), register)
 

@@ -155,6 +155,8 @@ class TrainConfig:
     MASTER_ADDR, MASTER_PORT, NODE_RANK, WORLD_SIZE, or torchrun)."""
     dtype: str = "float32"
     """Language-model dtype."""
+    compile: bool = False
+    """torch.compile the loss of relu, jumprelu and gated SAEs (a few seconds to compile)."""
     precision: str = "32"
     """SAE training precision: 32, or bf16-mixed (autocast: the encoder's matrix product and
     the top-k selection in bfloat16, weights, gradients and Adam in float32)."""

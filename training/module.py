@@ -27,7 +27,8 @@ from registry.sae import SAE, SAEConfig, build_sae, expected_norm_scale
 from training.activations import ActivationStream, StreamDataset
 from training.config import SAETrainConfig, TrainConfig
 from training.distributed import all_gather_objects, all_reduce_sum, broadcast_, rank, world_size
-from training.losses import LossSettings, compute_loss, explained_variance, geometric_median, k_at, warmup
+from training.losses import (COMPILED_ARCHITECTURES, LossSettings, compiled_loss, compute_loss,
+                             explained_variance, geometric_median, k_at, warmup)
 
 INIT_SAMPLE_TOKENS = 4096
 
@@ -184,7 +185,7 @@ class SAETrainingModule(L.LightningModule):
                 aux_k_alpha=spec.aux_k_alpha, aux_k=spec.aux_k or sae.cfg.d_in // 2,
                 ghost_grads=spec.ghost_grads)
             dead = self.stats[sid].tokens_since_fired >= spec.dead_tokens
-            out = compute_loss(sae, x, settings, dead)
+            out = self._loss_fn(spec)(sae, x, settings, dead)
             steps.append((x, out, dead, settings))
             bad += [0, 0 if torch.isfinite(out.loss) else 1]
         counts = [self.stats[sid].fire_counts(st[1]) if st
@@ -201,6 +202,14 @@ class SAETrainingModule(L.LightningModule):
         self._sync_thresholds()
         self.tokens_seen += n
         return total
+
+    def _loss_fn(self, spec: SAETrainConfig):
+        """compute_loss, compiled under --compile for the architectures it speeds up (ghost
+        grads branch on the data, so they stay eager)."""
+        if (self.cfg.compile and spec.architecture in COMPILED_ARCHITECTURES
+                and not spec.ghost_grads):
+            return compiled_loss(len(self.specs))
+        return compute_loss
 
     def _raise_if_diverged(self, step: int, flags: list[int]) -> None:
         """The first SAE with non-finite activations or loss on any process (every process

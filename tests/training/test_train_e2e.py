@@ -125,6 +125,25 @@ def test_bf16_mixed_precision_trains_float32_weights(tiny_model_dir, mlflow_stor
         assert ev > 0.3, (sid, ev)
 
 
+def test_compile_trains_the_dense_architectures_through_torch_compile(tiny_model_dir,
+                                                                    mlflow_store):
+    from torch._dynamo.utils import counters
+
+    graphs = counters["stats"]["unique_graphs"]
+    hook = HOOKS[0]
+    result = run_cli(["train", str(tiny_model_dir), "--hook", hook, "--arch", "relu,topk",
+                      "--tokens", "16384", "--compile", *SMALL])
+    assert result.exit_code == 0, result.output
+    assert counters["stats"]["unique_graphs"] > graphs  # the relu SAE's loss was compiled
+    job = json.loads(next(runs_dir().glob("*/job.json")).read_text())
+    assert job["config"]["compile"] is True
+    x = held_out_activations(tiny_model_dir, hook)
+    for folder in job["saes"].values():
+        sae = load_sae(folder)
+        ev = float(1 - (sae(x).detach() - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
+        assert ev > 0.3, (folder, ev)
+
+
 def test_killed_job_resumes_from_checkpoint(tiny_model_dir, mlflow_store):
     env = dict(os.environ)
     cmd = [sys.executable, "-c", "from registry.cli import main; main()", "train",
