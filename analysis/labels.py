@@ -17,7 +17,7 @@ from sqlalchemy import select
 
 from registry import db
 from registry.errors import NotFoundError, UsageError
-from registry.feature_models import LABEL_METHODS, LABEL_STATUSES, FeatureLabel
+from registry.feature_models import LABEL_METHODS, LABEL_STATUSES, FeatureLabel, current_label
 
 HEURISTIC_MODEL = "saereg-heuristic-v1"
 
@@ -126,11 +126,7 @@ def history(ref: str, index: int, *, database_url: str | None = None) -> list[La
 
 
 def current(labels: list[LabelInfo]) -> LabelInfo | None:
-    for status in ("accepted", "candidate"):
-        found = [lab for lab in labels if lab.status == status]
-        if found:
-            return found[-1]
-    return None
+    return current_label(labels, lambda lab: lab.status)
 
 
 def _clean(token: str) -> str:

@@ -134,7 +134,7 @@ def current_labels(version_id: int, indices: list[int],
     """Current label text per feature index (newest accepted, else newest candidate)."""
     from sqlalchemy import select
 
-    from registry.feature_models import FeatureLabel
+    from registry.feature_models import FeatureLabel, current_label
 
     if not indices:
         return {}
@@ -145,9 +145,7 @@ def current_labels(version_id: int, indices: list[int],
                                 FeatureLabel.feature_index.in_(indices),
                                 FeatureLabel.status != "rejected")
                          .order_by(FeatureLabel.id)).all()
-    out: dict[int, tuple[int, str]] = {}
-    for index, label, status in rows:
-        rank = 1 if status == "accepted" else 0
-        if index not in out or rank >= out[index][0]:
-            out[index] = (rank, label)
-    return {i: t for i, (_, t) in out.items()}
+    by_index: dict[int, list] = {}
+    for row in rows:
+        by_index.setdefault(row.feature_index, []).append(row)
+    return {i: current_label(h, lambda r: r.status).text for i, h in by_index.items()}

@@ -12,8 +12,9 @@ with a preset version.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import (
     BigInteger,
@@ -34,6 +35,18 @@ from registry.models import Base, Json, utcnow
 
 LABEL_METHODS = ("human", "heuristic", "llm")
 LABEL_STATUSES = ("candidate", "accepted", "rejected")
+
+_L = TypeVar("_L")
+
+
+def current_label(labels: Sequence[_L], status: Callable[[_L], str]) -> _L | None:
+    """The label a feature goes by, from its labels oldest first: the newest accepted one,
+    else the newest candidate (a rejected label never)."""
+    for wanted in ("accepted", "candidate"):
+        for lab in reversed(labels):
+            if status(lab) == wanted:
+                return lab
+    return None
 STEER_METHODS = ("add", "clamp")
 
 

@@ -107,14 +107,6 @@ def _stats_dict(row) -> dict[str, Any]:  # noqa: ANN001 - a FeatureStats row or 
             **{k: getattr(row, k) for k in STAT_JSON}}
 
 
-def current_label(history: list[dict[str, Any]]) -> str | None:
-    for status in ("accepted", "candidate"):
-        found = [lab for lab in history if lab["status"] == status]
-        if found:
-            return found[-1]["text"]
-    return None
-
-
 def _label_type():
     import pyarrow as pa
 
@@ -129,6 +121,8 @@ def write(path: Path, export: FeatureExport) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from registry.feature_models import current_label
+
     n = export.d_sae
     stats = export.stats or [_stats_dict(None)] * n
     columns: dict[str, Any] = {
@@ -142,7 +136,8 @@ def write(path: Path, export: FeatureExport) -> None:
         columns[k] = pa.array([None if r[k] is None else json.dumps(r[k]) for r in stats],
                               pa.string())
     labels = export.labels or [[] for _ in range(n)]
-    columns["label"] = pa.array([current_label(h) for h in labels], pa.string())
+    current = [current_label(h, lambda lab: lab["status"]) for h in labels]
+    columns["label"] = pa.array([lab["text"] if lab else None for lab in current], pa.string())
     columns["labels"] = pa.array(labels, pa.list_(_label_type()))
     table = pa.table(columns)
     if export.stats_run is not None:

@@ -230,7 +230,7 @@ def compute_loss(sae: SAE, x: torch.Tensor, s: LossSettings, dead: torch.Tensor)
 
 COMPILED_ARCHITECTURES = ("relu", "jumprelu", "gated")
 """Architectures whose loss ``--compile`` runs through torch.compile: their dense elementwise
-chains fuse (12-18% faster steps on the CPU, benchmarks/RESULTS.md). TopK has its own sparse
+chains fuse (12-19% faster steps on the CPU, benchmarks/RESULTS.md). TopK has its own sparse
 kernels, and BatchTopK's threshold update makes the compiled step slower."""
 
 _compiled_loss = None

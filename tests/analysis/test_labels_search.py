@@ -101,3 +101,17 @@ def test_help_imports_no_torch():
             "bad = [m for m in ('torch', 'transformers', 'mlflow') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_current_label_rule():
+    """The newest accepted label, else the newest candidate; rejected ones never."""
+    from registry.feature_models import current_label
+
+    def pick(statuses):
+        found = current_label(list(enumerate(statuses)), lambda lab: lab[1])
+        return None if found is None else found[0]
+
+    assert pick(["candidate", "accepted", "candidate"]) == 1
+    assert pick(["accepted", "rejected", "accepted", "candidate"]) == 2
+    assert pick(["candidate", "candidate", "rejected"]) == 1
+    assert pick(["rejected"]) is None and pick([]) is None

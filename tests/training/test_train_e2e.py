@@ -105,14 +105,23 @@ def test_two_hooks_one_pass(tiny_model_dir, mlflow_store):
     assert "mlflow ui --backend-store-uri" in result.output
 
 
-def test_bf16_mixed_precision_trains_float32_weights(tiny_model_dir, mlflow_store):
+def test_bf16_mixed_precision_trains_float32_weights(tiny_model_dir, mlflow_store,
+                                                     monkeypatch):
     """--precision bf16-mixed: the encoder product and top-k run in bfloat16 under autocast
     (TopK through the sparse kernels, ReLU through the dense path); weights, optimizer and the
     saved SAE stay float32 and reconstruct held-out activations."""
+    import training.kernels as kernels
+
+    dtypes = []
+    real = kernels.workspace
+    monkeypatch.setattr(kernels, "workspace",
+                        lambda rows, cols, dtype, device: dtypes.append(dtype) or real(
+                            rows, cols, dtype, device))
     hook = HOOKS[0]
     result = run_cli(["train", str(tiny_model_dir), "--hook", hook, "--arch", "topk,relu",
                       "--tokens", "16384", "--precision", "bf16-mixed", *SMALL])
     assert result.exit_code == 0, result.output
+    assert dtypes and set(dtypes) == {torch.bfloat16}  # every TopK step's product ran in bf16
     job = json.loads(next(runs_dir().glob("*/job.json")).read_text())
     assert job["status"] == "finished" and job["config"]["precision"] == "bf16-mixed"
     x = held_out_activations(tiny_model_dir, hook)
