@@ -18,7 +18,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 
-from registry.errors import ConfigError, SaeRegError
+from saereg.registry.errors import ConfigError, SaeRegError
 
 SYSTEM = ("You label features of a sparse autoencoder trained on a language model. Answer "
           "with the requested format only.")
@@ -97,12 +97,12 @@ def label_llm(ref: str, indices: list[int], *, cfg: LLMConfig | None = None,
     its detection score. Returns the new labels."""
     from sqlalchemy import select
 
-    from analysis.labels import add_labels
-    from analysis.stats import check_index, latest_run_id
-    from registry import db
-    from registry.api import get_version
-    from registry.errors import UsageError
-    from registry.feature_models import FeatureStats
+    from saereg.analysis.labels import add_labels
+    from saereg.analysis.stats import check_index, latest_run_id
+    from saereg.registry.catalog import db
+    from saereg.registry.api import get_version
+    from saereg.registry.errors import UsageError
+    from saereg.registry.catalog.feature_schema import FeatureStats
 
     cfg = cfg or LLMConfig.from_env()
     info = get_version(ref, database_url=database_url)

@@ -15,9 +15,9 @@ from datetime import datetime
 
 from sqlalchemy import select
 
-from registry import db
-from registry.errors import NotFoundError, UsageError
-from registry.feature_models import LABEL_METHODS, LABEL_STATUSES, FeatureLabel, current_label
+from saereg.registry.catalog import db
+from saereg.registry.errors import NotFoundError, UsageError
+from saereg.registry.catalog.feature_schema import LABEL_METHODS, LABEL_STATUSES, FeatureLabel, current_label
 
 HEURISTIC_MODEL = "saereg-heuristic-v1"
 
@@ -59,9 +59,9 @@ def add_labels(ref: str, labels: list[tuple[int, str]], *, method: str = "human"
                stats_run_id: int | None = None, scores: dict[int, float] | None = None,
                database_url: str | None = None) -> list[LabelInfo]:
     """Append labels ``(feature index, text)`` to features of ``ref`` in one transaction."""
-    from analysis.stats import check_index
-    from registry.api import get_version
-    from registry.catalog_rows import current_user
+    from saereg.analysis.stats import check_index
+    from saereg.registry.api import get_version
+    from saereg.registry.catalog.rows import current_user
 
     info = get_version(ref, database_url=database_url)
     checked = []
@@ -113,8 +113,8 @@ def set_status(label_id: int, status: str, *, database_url: str | None = None) -
 
 def history(ref: str, index: int, *, database_url: str | None = None) -> list[LabelInfo]:
     """Every label of one feature, oldest first."""
-    from analysis.stats import check_index
-    from registry.api import get_version
+    from saereg.analysis.stats import check_index
+    from saereg.registry.api import get_version
 
     info = get_version(ref, database_url=database_url)
     check_index(info, index)
@@ -147,9 +147,9 @@ def heuristic_text(top_examples: list[dict], top_logits: list) -> str | None:
 def label_heuristic(ref: str, *, database_url: str | None = None,
                     progress: bool = False) -> list[LabelInfo]:
     """Label every live feature of ``ref`` from its latest stats run (offline, no model)."""
-    from analysis.stats import latest_run_id
-    from registry.api import get_version
-    from registry.feature_models import FeatureStats
+    from saereg.analysis.stats import latest_run_id
+    from saereg.registry.api import get_version
+    from saereg.registry.catalog.feature_schema import FeatureStats
 
     info = get_version(ref, database_url=database_url)
     with db.session(database_url) as s:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 
 def load_model(name: str):
-    """``training.lm.load_lm`` for a model name recorded in the catalog. The packaged model is
+    """``saereg.training.lm.load_lm`` for a model name recorded in the catalog. The packaged model is
     recorded under its hub id (``HuggingFaceTB/SmolLM2-135M-Instruct``), which offline
     machines cannot fetch; its last path part is the packaged alias, so that is tried next."""
-    from registry.errors import ModelNotFoundError
-    from training.lm import load_lm
+    from saereg.registry.errors import ModelNotFoundError
+    from saereg.training.lm import load_lm
 
     try:
         return load_lm(name)

@@ -9,9 +9,9 @@ from dataclasses import dataclass
 
 from sqlalchemy import select
 
-from registry import db
-from registry.errors import UsageError
-from registry.feature_models import FeatureNeighbor, VersionEval
+from saereg.registry.catalog import db
+from saereg.registry.errors import UsageError
+from saereg.registry.catalog.feature_schema import FeatureNeighbor, VersionEval
 
 EVAL_EXPERIMENT = "sae-registry-eval"
 
@@ -30,9 +30,9 @@ def neighbors(ref: str, index: int, *, other: str | None = None, k: int = 10,
     decoder directions are closest in cosine to feature ``index`` of ``ref``."""
     import torch
 
-    from analysis.search import current_labels
-    from analysis.stats import check_index
-    from registry.api import get_version, load_sae
+    from saereg.analysis.search import current_labels
+    from saereg.analysis.stats import check_index
+    from saereg.registry.api import get_version, load_sae
 
     if k < 1:
         raise UsageError(f"k must be positive, got {k}")
@@ -81,11 +81,11 @@ def evaluate(ref: str, *, dataset: str | None = None, tokens: int = 8192,
     """Run the evaluation suite (CE-loss score, KL, explained variance, L0, dead fraction,
     shrinkage) on held-out text; store it on the version (``version_evals``) and, with
     ``mlflow``, as a run of the MLflow experiment ``sae-registry-eval``."""
-    from analysis.lm import load_model
-    from registry.api import get_version, load_sae
-    from registry.catalog_rows import current_user
-    from training.data import TokenWindows
-    from training.evaluate import evaluate_saes
+    from saereg.analysis.lm import load_model
+    from saereg.registry.api import get_version, load_sae
+    from saereg.registry.catalog.rows import current_user
+    from saereg.training.data import TokenWindows
+    from saereg.training.evaluate import evaluate_saes
 
     if tokens < 1 or context_size < 2 or batch_size < 1:
         raise UsageError("tokens and batch_size must be positive and context_size >= 2")
@@ -122,7 +122,7 @@ def _log_mlflow(info, metrics: dict[str, float], dataset: str | None, context_si
     from mlflow import MlflowClient
     from mlflow.entities import Metric, Param
 
-    from registry.paths import mlflow_artifact_root, mlflow_tracking_uri
+    from saereg.registry.paths import mlflow_artifact_root, mlflow_tracking_uri
 
     client = MlflowClient(tracking_uri=mlflow_tracking_uri())
     exp = client.get_experiment_by_name(EVAL_EXPERIMENT)

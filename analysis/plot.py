@@ -13,12 +13,12 @@ def plot_feature(info, index: int, run, stats, labels, out: str | Path,
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from analysis.labels import current
-    from analysis.render import _tok
+    from saereg.analysis.labels import current
+    from saereg.analysis.render import _tok
 
     out = Path(out)
     if out.suffix.lower() != ".png":
-        from registry.errors import UsageError
+        from saereg.registry.errors import UsageError
 
         raise UsageError(f"the plot is a PNG: give a path ending in .png, not {out.name!r}")
     hist = stats.histogram

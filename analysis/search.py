@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 from sqlalchemy import text
 
-from registry import db
-from registry.errors import UsageError
+from saereg.registry.catalog import db
+from saereg.registry.errors import UsageError
 
 
 @dataclass(frozen=True)
@@ -104,9 +104,9 @@ def explain_prompt(prompt: str, ref: str, *, top: int = 5,
     """The ``top`` features per token of ``prompt`` with their current labels."""
     import torch
 
-    from analysis.lm import load_model
-    from registry.api import get_version, load_sae
-    from training.lm import ActivationCapture
+    from saereg.analysis.lm import load_model
+    from saereg.registry.api import get_version, load_sae
+    from saereg.training.lm import ActivationCapture
 
     if not prompt or not prompt.strip():
         raise UsageError("explain-prompt needs a non-empty prompt")
@@ -134,7 +134,7 @@ def current_labels(version_id: int, indices: list[int],
     """Current label text per feature index (newest accepted, else newest candidate)."""
     from sqlalchemy import select
 
-    from registry.feature_models import FeatureLabel, current_label
+    from saereg.registry.catalog.feature_schema import FeatureLabel, current_label
 
     if not indices:
         return {}

@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-from registry import db
-from registry.errors import ConfigError, NotFoundError, UsageError
+from saereg.registry.catalog import db
+from saereg.registry.errors import ConfigError, NotFoundError, UsageError
 
 HIST_LO, HIST_HI, HIST_BINS = -4.0, 4.0, 40  # log10(activation) bins
 LEFT, RIGHT = 12, 4  # tokens kept before / after an example's peak
@@ -172,10 +172,10 @@ def provenance(window, pos: int) -> tuple[str | None, int | None]:
 def analyze(ref: str, cfg: AnalyzeConfig | None = None, *, progress: bool = True,
             database_url: str | None = None) -> int:
     """Run the analyze pass for ``ref`` and store it as a new stats run; returns its id."""
-    from analysis.lm import load_model
-    from registry.api import get_version, load_sae
-    from training.data import TokenWindows
-    from training.lm import ActivationCapture, special_token_mask
+    from saereg.analysis.lm import load_model
+    from saereg.registry.api import get_version, load_sae
+    from saereg.training.data import TokenWindows
+    from saereg.training.lm import ActivationCapture, special_token_mask
 
     cfg = cfg or AnalyzeConfig()
     info = get_version(ref, database_url=database_url)
@@ -243,8 +243,8 @@ def build_rows(acc: FeatureAccumulator, windows: list, tok, lens) -> list[dict]:
 
 def store_run(info, cfg: AnalyzeConfig, tokens: int, rows: list[dict], *,
               database_url: str | None = None) -> int:
-    from registry.catalog_rows import current_user
-    from registry.feature_models import FeatureStats, StatsRun
+    from saereg.registry.catalog.rows import current_user
+    from saereg.registry.catalog.feature_schema import FeatureStats, StatsRun
 
     def write() -> int:
         with db.session(database_url, write=True) as s:
@@ -266,7 +266,7 @@ def store_run(info, cfg: AnalyzeConfig, tokens: int, rows: list[dict], *,
 def latest_run_id(s, version_id: int) -> int | None:
     from sqlalchemy import func, select
 
-    from registry.feature_models import StatsRun
+    from saereg.registry.catalog.feature_schema import StatsRun
 
     return s.scalar(select(func.max(StatsRun.id)).where(StatsRun.version_id == version_id))
 
@@ -274,8 +274,8 @@ def latest_run_id(s, version_id: int) -> int | None:
 def feature_stats(ref: str, index: int, *, run_id: int | None = None,
                   database_url: str | None = None):
     """(VersionInfo, StatsRun or None, FeatureStats or None) for one feature; checks the index."""
-    from registry.api import get_version
-    from registry.feature_models import FeatureStats, StatsRun
+    from saereg.registry.api import get_version
+    from saereg.registry.catalog.feature_schema import FeatureStats, StatsRun
 
     info = get_version(ref, database_url=database_url)
     check_index(info, index)

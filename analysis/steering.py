@@ -17,10 +17,10 @@ from typing import Any
 
 from sqlalchemy import func, select
 
-from registry import db
-from registry.errors import NotFoundError, UsageError
-from registry.feature_models import STEER_METHODS, SteeringPreset, SteeringRun
-from registry.refs import validate_name
+from saereg.registry.catalog import db
+from saereg.registry.errors import NotFoundError, UsageError
+from saereg.registry.catalog.feature_schema import STEER_METHODS, SteeringPreset, SteeringRun
+from saereg.registry.refs import validate_name
 
 GENERATION_DEFAULTS = {"max_new_tokens": 20, "temperature": 0.0, "top_k": 0, "seed": 0}
 
@@ -56,9 +56,9 @@ def create_preset(name: str, sae: str | None = None,
     """Create preset ``name`` (version 1) or its next version. ``features`` are
     ``(SAE ref or None for sae, index, strength)``; omitted parts are taken from the latest
     version when editing."""
-    from analysis.stats import check_index
-    from registry.api import get_version
-    from registry.catalog_rows import current_user
+    from saereg.analysis.stats import check_index
+    from saereg.registry.api import get_version
+    from saereg.registry.catalog.rows import current_user
 
     validate_name(name)
     try:
@@ -102,9 +102,9 @@ def create_preset(name: str, sae: str | None = None,
 
 def get_preset(ref: str, *, database_url: str | None = None) -> Preset:
     """``NAME`` (latest version) or ``NAME@N``."""
-    from registry.api import get_version
-    from registry.models import SAERecord, SAEVersion
-    from registry.refs import format_ref
+    from saereg.registry.api import get_version
+    from saereg.registry.catalog.schema import SAERecord, SAEVersion
+    from saereg.registry.refs import format_ref
 
     name, _, num = ref.partition("@")
     if num and not num.isdigit():
@@ -129,8 +129,8 @@ def apply_preset(lm, preset: Preset, *, database_url: str | None = None) -> Iter
     """While active, every forward of ``lm`` is steered by ``preset``."""
     import torch
 
-    from registry.api import load_sae
-    from training.lm import splice
+    from saereg.registry.api import load_sae
+    from saereg.training.lm import splice
 
     if lm.name != preset.model:
         raise UsageError(f"preset {preset.name}@{preset.number} steers {preset.model!r}, "
@@ -193,8 +193,8 @@ def steer(preset_ref: str, prompt: str, *, seed: int | None = None, lm=None,
           database_url: str | None = None) -> SteerResult:
     """Default and steered continuations of ``prompt`` with the same seed; stored with the
     preset version unless ``store`` is False."""
-    from analysis.lm import load_model
-    from registry.catalog_rows import current_user
+    from saereg.analysis.lm import load_model
+    from saereg.registry.catalog.rows import current_user
 
     preset = get_preset(preset_ref, database_url=database_url)
     gen = _generation(generation, preset.generation)

@@ -1,6 +1,6 @@
 """Eager vs torch.compile'd loss, one training step per architecture (forward, loss, backward,
 fused Adam), on the same activations, interleaved in one run; what ``saereg train --compile``
-decides from (training.losses.COMPILED_ARCHITECTURES).
+decides from (saereg.training.losses.COMPILED_ARCHITECTURES).
 
     python benchmarks/compile_step.py --arch relu,jumprelu,gated,batchtopk --d-sae 4608
 """
@@ -15,8 +15,8 @@ import torch
 
 
 def make_step(arch: str, d_in: int, d_sae: int, compiled: bool):
-    from registry.sae import SAEConfig, build_sae
-    from training.losses import LossSettings, compute_loss
+    from saereg.registry.sae.modules import SAEConfig, build_sae
+    from saereg.training.losses import LossSettings, compute_loss
 
     kw = {"k": 32} if arch in ("topk", "batchtopk", "matryoshka") else {}
     sae = build_sae(SAEConfig(d_in=d_in, d_sae=d_sae, architecture=arch, **kw), seed=0)

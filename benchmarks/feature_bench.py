@@ -25,10 +25,10 @@ import time
 def bench_analyze(args) -> None:
     import torch
 
-    from analysis.stats import AnalyzeConfig, FeatureAccumulator
-    from registry.sae import SAEConfig, build_sae
-    from training.data import TokenWindows
-    from training.lm import ActivationCapture, load_lm, special_token_mask
+    from saereg.analysis.stats import AnalyzeConfig, FeatureAccumulator
+    from saereg.registry.sae.modules import SAEConfig, build_sae
+    from saereg.training.data import TokenWindows
+    from saereg.training.lm import ActivationCapture, load_lm, special_token_mask
 
     torch.manual_seed(0)
     lm = load_lm(args.model)
@@ -60,8 +60,8 @@ def bench_analyze(args) -> None:
 def fill(url: str, rows: int) -> list[str]:
     from sqlalchemy import text
 
-    from registry import db
-    from registry.catalog import Catalog
+    from saereg.registry.catalog import db
+    from saereg.registry.catalog.writes import Catalog
 
     rng = random.Random(0)
     vocab = [f"w{i}{''.join(rng.choices('abcdefghij', k=3))}" for i in range(20_000)]
@@ -95,7 +95,7 @@ def fill(url: str, rows: int) -> list[str]:
 
 
 def bench_search(url: str, rows: int, queries: int, name: str) -> None:
-    from analysis.search import search_labels
+    from saereg.analysis.search import search_labels
 
     t0 = time.perf_counter()
     vocab = fill(url, rows)
@@ -146,7 +146,8 @@ def main() -> None:
         catalog_helpers.PG_SERVER = args.postgres
         url = catalog_helpers.create_pg_database("saereg_bench")
         try:
-            from registry import db, migrate
+            from saereg.registry.catalog import db
+            from saereg.registry.catalog import migrate
 
             migrate.upgrade_engine(db.get_engine(url, check_schema=False), "head")
             bench_search(url, args.rows, args.queries, "PostgreSQL")

@@ -28,8 +28,8 @@ def main() -> None:
     ap.add_argument("--context-size", type=int, default=128)
     args = ap.parse_args()
 
-    from training.data import TokenWindows
-    from training.lm import ActivationCapture, load_lm
+    from saereg.training.data import TokenWindows
+    from saereg.training.lm import ActivationCapture, load_lm
 
     lm = load_lm(args.model)
     hooks = args.hooks.split(",") if args.hooks else [args.hook]
@@ -39,7 +39,7 @@ def main() -> None:
     captured_full = ActivationCapture(lm, hooks, early_stop=False)
 
     def full(ids):  # the whole model, logits included, with the same hooks recording
-        from training.lm import splice
+        from saereg.training.lm import splice
 
         out = {}
         with contextlib.ExitStack() as st, torch.inference_mode():

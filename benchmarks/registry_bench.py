@@ -33,8 +33,8 @@ N_SAES, VERSIONS_PER_SAE = 1_000, 10
 def make_folder(path: Path, d_in: int, d_sae: int, seed: int) -> Path:
     import torch
 
-    from registry.sae import SAEConfig, build_sae
-    from registry.sae_files import save_sae
+    from saereg.registry.sae.modules import SAEConfig, build_sae
+    from saereg.registry.sae.folder import save_sae
 
     cfg = SAEConfig(d_in=d_in, d_sae=d_sae, architecture="topk", k=32,
                     metadata={"model_name": "bench-lm", "hook_name": "model.layers.6"})
@@ -60,9 +60,9 @@ class Timed:
 
 
 def bench_register(url: str, work: Path, d_in: int, repeats: int) -> dict[str, float]:
-    from registry import catalog as catalog_module
-    from registry import db
-    from registry.catalog import Catalog
+    from saereg.registry.catalog import writes as catalog_module
+    from saereg.registry.catalog import db
+    from saereg.registry.catalog.writes import Catalog
 
     cat = Catalog(url)
     cat.register_folder(make_folder(work / "warm", d_in, 64, seed=0), "warm-up")
@@ -79,7 +79,7 @@ def bench_register(url: str, work: Path, d_in: int, repeats: int) -> dict[str, f
     with db.session(url) as s:
         from sqlalchemy import func, select
 
-        from registry.models import Feature
+        from saereg.registry.catalog.schema import Feature
         n = s.scalar(select(func.count()).select_from(Feature).where(Feature.version_id == v.id))
     assert n == D_SAE
     size = sum(f.size for f in v.files)
@@ -91,8 +91,8 @@ def fill_catalog(url: str) -> None:
     """10,000 versions of 1,000 SAEs, written directly (what is timed is the listing)."""
     from sqlalchemy import insert
 
-    from registry import db
-    from registry.models import (Alias, LanguageModel, SAERecord, SAEVersion, VersionTag,
+    from saereg.registry.catalog import db
+    from saereg.registry.catalog.schema import (Alias, LanguageModel, SAERecord, SAEVersion, VersionTag,
                                  utcnow)
 
     now = utcnow()
@@ -127,7 +127,7 @@ def fill_catalog(url: str) -> None:
 
 
 def bench_list(url: str, repeats: int) -> dict[str, float]:
-    from registry.catalog import Catalog
+    from saereg.registry.catalog.writes import Catalog
 
     fill_catalog(url)
     cat = Catalog(url)
@@ -167,7 +167,7 @@ def main() -> None:
         os.environ["SAEREG_HOME"] = str(work / "home")
         os.environ.pop("SAEREG_DATABASE_URL", None)
         os.environ.pop("MLFLOW_TRACKING_URI", None)
-        from registry import db
+        from saereg.registry.catalog import db
 
         sqlite_reg = f"sqlite:///{work / 'register.db'}"
         reg = bench_register(sqlite_reg, work, args.d_in, args.repeats)
@@ -177,7 +177,7 @@ def main() -> None:
             from sqlalchemy import create_engine, text
             from sqlalchemy.engine import make_url
 
-            from registry import migrate
+            from saereg.registry.catalog import migrate
 
             admin = create_engine(args.postgres, isolation_level="AUTOCOMMIT")
             urls = []

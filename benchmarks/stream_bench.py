@@ -25,8 +25,8 @@ import torch
 
 
 def _stream(lm, hooks, batch, buffer, seed=0):
-    from training.activations import ActivationStream
-    from training.data import TokenWindows
+    from saereg.training.activations import ActivationStream
+    from saereg.training.data import TokenWindows
 
     return ActivationStream(lm, hooks, lambda skip: TokenWindows(lm.tokenizer, 128,
                                                                  skip_windows=skip),
@@ -34,8 +34,8 @@ def _stream(lm, hooks, batch, buffer, seed=0):
 
 
 def _steppers(hooks, d_in):
-    from registry.sae import SAEConfig, build_sae
-    from training.losses import LossSettings, compute_loss
+    from saereg.registry.sae.modules import SAEConfig, build_sae
+    from saereg.training.losses import LossSettings, compute_loss
 
     saes = {h: build_sae(SAEConfig(d_in=d_in, d_sae=8 * d_in, architecture="topk", k=32), seed=0)
             for h in hooks}
@@ -65,7 +65,7 @@ def timed(contenders: dict, n: int) -> dict[str, float]:
 def bench_hooks(args) -> None:
     """Harvest (the model pass up to the deepest hook, captures, buffer) and the whole step
     (harvest + one TopK step per hook), 4 hooks vs the deepest one alone, alternating."""
-    from training.lm import hook_dim, load_lm, resolve_hooks
+    from saereg.training.lm import hook_dim, load_lm, resolve_hooks
 
     lm = load_lm(args.model)
     many = resolve_hooks(lm, args.hooks.split(","))
@@ -104,8 +104,8 @@ def bench_hooks(args) -> None:
 
 
 def bench_cache(args) -> None:
-    from training.cache import CacheSource, CacheStream, read_manifest, write_cache
-    from training.lm import hook_dim, load_lm, resolve_hooks
+    from saereg.training.cache import CacheSource, CacheStream, read_manifest, write_cache
+    from saereg.training.lm import hook_dim, load_lm, resolve_hooks
 
     lm = load_lm(args.model)
     hooks = resolve_hooks(lm, [args.hook])
@@ -132,9 +132,9 @@ def bench_cache(args) -> None:
 CHILD = """
 import resource, sys, torch, json
 from pathlib import Path
-from training.cache import CacheSource, CacheStream, read_manifest
-from registry.sae import SAEConfig, build_sae
-from training.losses import LossSettings, compute_loss
+from saereg.training.cache import CacheSource, CacheStream, read_manifest
+from saereg.registry.sae.modules import SAEConfig, build_sae
+from saereg.training.losses import LossSettings, compute_loss
 path, tokens, batch = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 m = read_manifest(path)
 hook = m["hooks"][0]
@@ -153,10 +153,10 @@ print(json.dumps({"maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrs
 
 
 def bench_memory(args) -> None:
-    from training.cache import write_cache
-    from training.cli import parse_count
-    from training.lm import load_lm
-    from training.tiny import build_tiny_llama
+    from saereg.training.cache import write_cache
+    from saereg.commands.train import parse_count
+    from saereg.training.lm import load_lm
+    from saereg.training.tiny import build_tiny_llama
 
     with tempfile.TemporaryDirectory() as tmp:
         lm = load_lm(str(build_tiny_llama(Path(tmp) / "tiny")))

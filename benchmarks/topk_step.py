@@ -31,8 +31,8 @@ def forward_context(device: str, precision: str):
 
 
 def ours(d_in, d_sae, k, sparse, device, precision):
-    from registry.sae import SAEConfig, build_sae
-    from training.losses import LossSettings, compute_loss
+    from saereg.registry.sae.modules import SAEConfig, build_sae
+    from saereg.training.losses import LossSettings, compute_loss
 
     sae = build_sae(SAEConfig(d_in=d_in, d_sae=d_sae, architecture="topk", k=k), seed=0).to(device)
     opt = torch.optim.Adam(sae.parameters(), lr=1e-4, fused=True)

@@ -1,5 +1,5 @@
 """Alembic migrations of the catalog schema (``env.py`` + ``versions/``).
 
-Loaded programmatically by :mod:`registry.migrate` (no alembic.ini needed); this package's
+Loaded programmatically by :mod:`saereg.registry.catalog.migrate` (no alembic.ini needed); this package's
 folder is the script location.
 """

@@ -1,17 +1,17 @@
-"""Alembic environment: runs migrations on the connection that registry.migrate hands over."""
+"""Alembic environment: runs migrations on the connection that saereg.registry.catalog.migrate hands over."""
 
 from __future__ import annotations
 
 from alembic import context
 from sqlalchemy import create_engine
 
-from registry.models import Base
+from saereg.registry.catalog.migrate import target_metadata
 
 config = context.config
 
 
 def run(connection) -> None:
-    context.configure(connection=connection, target_metadata=Base.metadata,
+    context.configure(connection=connection, target_metadata=target_metadata(),
                       render_as_batch=connection.dialect.name == "sqlite", compare_type=True)
     with context.begin_transaction():
         context.run_migrations()
@@ -19,7 +19,7 @@ def run(connection) -> None:
 
 if context.is_offline_mode():
     context.configure(url=config.get_main_option("sqlalchemy.url"),
-                      target_metadata=Base.metadata, literal_binds=True)
+                      target_metadata=target_metadata(), literal_binds=True)
     with context.begin_transaction():
         context.run_migrations()
 elif config.attributes.get("connection") is not None:

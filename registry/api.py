@@ -15,17 +15,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from registry.catalog import Catalog
-from registry.errors import DeprecatedVersionWarning, MirrorError, UsageError
-from registry.queries import VersionInfo, referenced_blobs, referenced_trees
-from registry.refs import parse_ref
-from registry.sae_files import write_atomic_dir
-from registry.store import ArtifactStore, age_ok
+from saereg.registry.catalog.writes import Catalog
+from saereg.registry.errors import DeprecatedVersionWarning, MirrorError, UsageError
+from saereg.registry.catalog.queries import VersionInfo, referenced_blobs, referenced_trees
+from saereg.registry.refs import parse_ref
+from saereg.registry.sae.folder import write_atomic_dir
+from saereg.registry.catalog.store import ArtifactStore, age_ok
 
 if TYPE_CHECKING:
     import torch
 
-    from registry.sae import SAE
+    from saereg.registry.sae.modules import SAE
 
 DEFAULT_GC_MIN_AGE = 3600.0
 PROVENANCE_FILE = "saereg.json"
@@ -43,7 +43,7 @@ def register_from_run(run_id: str, name: str, *, tags: Mapping[str, str] | None 
     the version (catalog and MLflow), ``note`` is its first note, ``parent`` a reference to the
     version it was derived from (``NAME@N``). The database is ``database_url`` or
     ``SAEREG_DATABASE_URL`` or the SQLite catalog in ``SAEREG_HOME``; MLflow is
-    ``tracking_uri`` or ``registry.paths.mlflow_tracking_uri()``; files go to ``store_url`` or
+    ``tracking_uri`` or ``saereg.registry.paths.mlflow_tracking_uri()``; files go to ``store_url`` or
     ``SAEREG_ARTIFACT_STORE`` or ``$SAEREG_HOME/artifacts``.
 
     Returns the new version. Raises ``NotFoundError`` (unknown run or parent),
@@ -93,13 +93,13 @@ def load_sae(ref: str | os.PathLike, device: str | torch.device = "cpu",
     (``ChecksumError`` names the file and both hashes). A deprecated version loads with a
     :class:`DeprecatedVersionWarning`. The module's ``cfg.metadata`` gains ``saereg_ref``.
     """
-    from registry.sae_files import load_sae as load_folder
+    from saereg.registry.sae.folder import load_sae as load_folder
 
     parsed = parse_ref(ref)
     if parsed.kind == "dir":
         return load_folder(parsed.path, device=device, dtype=dtype)
     if parsed.kind == "hub":
-        from registry.hub import download_ref
+        from saereg.registry.hub.sync import download_ref
 
         folder, where = download_ref(parsed.text)
         sae = load_folder(folder, device=device, dtype=dtype)
@@ -176,7 +176,7 @@ def gc(*, dry_run: bool = False, min_age: float = DEFAULT_GC_MIN_AGE, mlflow: bo
     if mlflow:
         from sqlalchemy import select
 
-        from registry.models import SAEVersion
+        from saereg.registry.catalog.schema import SAEVersion
 
         with cat.session() as s:
             uids = set(s.scalars(select(SAEVersion.uid)))

@@ -21,7 +21,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from registry.errors import UsageError
+from saereg.registry.errors import UsageError
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 ALIAS_RE = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,63}")

@@ -39,7 +39,7 @@ def saereg_home_dir(tmp_path_factory, monkeypatch):
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A tiny random LLaMA (4 layers, d_model 64, vocab 512) with its own BPE tokenizer, built once."""
-    from training.tiny import build_tiny_llama
+    from saereg.training.tiny import build_tiny_llama
 
     return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
 
@@ -47,7 +47,7 @@ def tiny_model_dir(tmp_path_factory):
 @pytest.fixture
 def tiny_lm(tiny_model_dir):
     """A freshly loaded copy of the tiny LLaMA (hooks and state never leak between tests)."""
-    from training.lm import load_lm
+    from saereg.training.lm import load_lm
 
     return load_lm(str(tiny_model_dir))
 
@@ -56,7 +56,7 @@ def tiny_lm(tiny_model_dir):
 def corpus_dir(tmp_path):
     """A folder of small real-text files: ``a.txt``, ``b.txt`` (blank-line separated paragraphs)
     and ``sub/c.jsonl`` (rows with ``id``, ``title`` and ``text``); a few KB each."""
-    from training.data import default_corpus
+    from saereg.training.data import default_corpus
 
     docs = [text for doc_id, text in default_corpus() if doc_id.startswith("pydoc:")]
     paragraphs = [p.strip() for doc in docs for p in doc.split("\n\n") if len(p.strip()) > 80]
@@ -75,7 +75,7 @@ def smollm2_converted(tmp_path_factory):
     """The packaged SmolLM2-135M-Instruct converted once per session (about 20 s)."""
     import os
 
-    from training.lm import load_lm
+    from saereg.training.lm import load_lm
 
     home = tmp_path_factory.mktemp("smollm2-home")
     before = os.environ.get("SAEREG_HOME")
@@ -113,7 +113,7 @@ def mlflow_store(mlflow_template, monkeypatch):
     """The default tracking store of this test's SAEREG_HOME, already migrated."""
     from mlflow import MlflowClient
 
-    from registry.paths import mlflow_tracking_uri, saereg_home
+    from saereg.registry.paths import mlflow_tracking_uri, saereg_home
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)

@@ -1,7 +1,7 @@
 """Activations for training: one language-model pass feeds every hook, through a shuffling buffer.
 
-The stream tokenises and packs text (:class:`training.data.TokenWindows`), runs the model body
-with :class:`training.lm.ActivationCapture` (the forward stops after the deepest hook), drops
+The stream tokenises and packs text (:class:`saereg.training.data.TokenWindows`), runs the model body
+with :class:`saereg.training.lm.ActivationCapture` (the forward stops after the deepest hook), drops
 BOS / EOS / padding positions, and keeps the activations of all hooks for the same token
 positions in one buffer, so every hook sees the same shuffled tokens. The buffer is filled once;
 then each batch is drawn from random slots, which are refilled with fresh activations. So the
@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from registry.errors import DatasetError
+from saereg.registry.errors import DatasetError
 
 
 class ActivationStream:
@@ -30,7 +30,7 @@ class ActivationStream:
     def __init__(self, lm, hooks: list[str], make_windows: Callable[[int], object], *,
                  lm_batch_size: int, batch_tokens: int, buffer_tokens: int, seed: int = 0,
                  skip_windows: int = 0, max_epochs: int = 100):
-        from training.lm import ActivationCapture
+        from saereg.training.lm import ActivationCapture
 
         self.lm = lm
         self.hooks = list(hooks)
@@ -75,7 +75,7 @@ class ActivationStream:
 
     def harvest(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
         """Activations of every hook at the non-special positions of ``input_ids``."""
-        from training.lm import special_token_mask
+        from saereg.training.lm import special_token_mask
 
         acts = self.capture(input_ids)
         self._digest.update(input_ids.cpu().numpy().tobytes())

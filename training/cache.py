@@ -14,7 +14,7 @@ taken for a finished one: training refuses it, and running the same ``cache`` co
 resumes after its last finished shard.
 
 :class:`CacheStream` feeds the trainer from a cache through the same shuffling buffer as
-:class:`training.activations.ActivationStream`, so the training module does not change. In a
+:class:`saereg.training.activations.ActivationStream`, so the training module does not change. In a
 data-parallel job each process reads its own contiguous block of rows of every shard (a
 1/world_size share, sliced from the file without loading the rest).
 """
@@ -33,8 +33,8 @@ from typing import Any
 
 import torch
 
-from registry.errors import ConfigError, DatasetError
-from training.activations import ActivationStream
+from saereg.registry.errors import ConfigError, DatasetError
+from saereg.training.activations import ActivationStream
 
 MANIFEST = "manifest.json"
 FORMAT = "saereg-activation-cache/1"
@@ -173,7 +173,7 @@ class CacheStream(ActivationStream):
 
 def cache_provenance(lm, hooks: list[str], *, dataset: str | None, text_column: str | None,
                      context_size: int) -> dict[str, Any]:
-    from training.lm import hook_dim
+    from saereg.training.lm import hook_dim
 
     tok = lm.tokenizer
     return {
@@ -200,8 +200,8 @@ def write_cache(lm, hooks: list[str], out: str | Path, tokens: int, *,
 
     Running it again on an incomplete cache with the same provenance continues after the
     last finished shard; a different model, hooks, dataset or context size is refused."""
-    from training.data import TokenWindows
-    from training.lm import ActivationCapture, resolve_hooks, special_token_mask
+    from saereg.training.data import TokenWindows
+    from saereg.training.lm import ActivationCapture, resolve_hooks, special_token_mask
 
     if tokens <= 0 or shard_tokens <= 0:
         raise ConfigError("--tokens and --shard-tokens must be positive")
@@ -307,7 +307,7 @@ def evaluate_from_cache(source: CacheSource, saes: dict[str, tuple[str, Any]],
     """Reconstruction metrics on the cache's held-out activations (no model, so no CE-loss
     score or KL): explained_variance (and per token), mse per element, l0, shrinkage,
     dead_fraction."""
-    from training.evaluate import per_token_ev, token_variance
+    from saereg.training.evaluate import per_token_ev, token_variance
 
     held = source.manifest.get("heldout")
     if not held or max_tokens <= 0:

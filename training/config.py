@@ -2,7 +2,7 @@
 
 A job makes one pass over the language model and trains every SAE in ``saes`` from it: several
 hook points, and several configurations per hook point. Cross-field checks run in
-``__post_init__`` and raise :class:`registry.errors.ConfigError` naming the field to fix.
+``__post_init__`` and raise :class:`saereg.registry.errors.ConfigError` naming the field to fix.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import re
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from registry.errors import ConfigError
-from registry.sae import ARCHITECTURES, K_ARCHITECTURES
+from saereg.registry.errors import ConfigError
+from saereg.registry.sae.modules import ARCHITECTURES, K_ARCHITECTURES
 
 STRATEGIES = ("auto", "ddp")
 PRECISIONS = ("32", "bf16-mixed")
@@ -165,7 +165,7 @@ class TrainConfig:
     seed: int = 0
     run_name: str | None = None
     from_cache: str | None = None
-    """Train from this activation cache folder instead of running the model (see training.cache)."""
+    """Train from this activation cache folder instead of running the model (see saereg.training.cache)."""
 
     def __post_init__(self) -> None:
         self.saes = [s if isinstance(s, SAETrainConfig) else SAETrainConfig(**s) for s in self.saes]

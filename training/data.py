@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from registry.errors import ConfigError, DatasetError
-from training.corpus import default_corpus
+from saereg.registry.errors import ConfigError, DatasetError
+from saereg.training.corpus import default_corpus
 
 _BUILDERS = {".txt": "text", ".text": "text", ".md": "text", ".jsonl": "json", ".json": "json",
              ".parquet": "parquet", ".csv": "csv"}

@@ -23,7 +23,7 @@ from collections.abc import Iterable
 import torch
 import torch.nn.functional as F
 
-from registry.sae import SAE
+from saereg.registry.sae.modules import SAE
 
 
 class _Sums:
@@ -55,7 +55,7 @@ def _ce_and_logp(logits: torch.Tensor, ids: torch.Tensor, valid: torch.Tensor):
 def evaluate_saes(lm, saes: dict[str, tuple[str, SAE]], batches: Iterable[torch.Tensor],
                   max_tokens: int) -> dict[str, dict[str, float]]:
     """Metrics per SAE id over up to ``max_tokens`` held-out tokens."""
-    from training.lm import special_token_mask, splice
+    from saereg.training.lm import special_token_mask, splice
 
     hooks = list(dict.fromkeys(h for h, _ in saes.values()))
     sums = {sid: _Sums() for sid in saes}

@@ -7,7 +7,7 @@ layout. A job that stops early (error, NaN, interrupt) marks its MLflow runs FAI
 keeps its last good checkpoint; ``resume`` continues it with the same step count and runs.
 
 Data-parallel jobs (``devices x num_nodes`` > 1) run this in every process; only global rank 0
-does the above, the other processes just train (see :mod:`training.distributed`). Their
+does the above, the other processes just train (see :mod:`saereg.training.distributed`). Their
 ``job.json`` also lists, per process (``ranks``), the tokens it trained on, its position in the
 data and digests of the token ids it read and of its final state.
 """
@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from registry.errors import ConfigError, SaeRegError, TrainingDivergedError
-from registry.paths import runs_dir
-from training.config import TrainConfig, flat_params
+from saereg.registry.errors import ConfigError, SaeRegError, TrainingDivergedError
+from saereg.registry.paths import runs_dir
+from saereg.training.config import TrainConfig, flat_params
 
 DEFAULT_CORPUS_NAME = "saereg:default-corpus"
 
@@ -78,7 +78,7 @@ def prepare_cache(cfg: TrainConfig, device: str | None = None):
     """Read the cache's manifest (it stands in for the model); returns (source, d_ins)."""
     import torch
 
-    from training.cache import CacheSource, read_manifest
+    from saereg.training.cache import CacheSource, read_manifest
 
     manifest = read_manifest(cfg.from_cache)
     source = CacheSource(Path(cfg.from_cache).expanduser().resolve(), manifest,
@@ -105,7 +105,7 @@ def prepare(cfg: TrainConfig, device: str | None = None):
     it; returns (lm, d_ins)."""
     import torch
 
-    from training.lm import hook_dim, load_lm, resolve_hooks
+    from saereg.training.lm import hook_dim, load_lm, resolve_hooks
 
     if cfg.from_cache:
         return prepare_cache(cfg, device)
@@ -131,8 +131,8 @@ def prepare(cfg: TrainConfig, device: str | None = None):
 
 def check_dataset(cfg: TrainConfig) -> None:
     """Read the first document now, so a bad dataset fails before anything is created."""
-    from registry.errors import DatasetError
-    from training.data import iter_documents
+    from saereg.registry.errors import DatasetError
+    from saereg.training.data import iter_documents
 
     if next(iter(iter_documents(cfg.dataset, text_column=cfg.text_column)), None) is None:
         raise DatasetError(f"dataset {cfg.dataset} has no documents")
@@ -143,7 +143,7 @@ def make_trainer(cfg: TrainConfig, device: str, job_dir: Path):
     import lightning as L
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
-    from training.distributed import RankReport, make_strategy
+    from saereg.training.distributed import RankReport, make_strategy
 
     checkpoint = L.pytorch.callbacks.ModelCheckpoint(
         dirpath=job_dir / "checkpoints", filename="last", every_n_train_steps=cfg.checkpoint_every,
@@ -163,7 +163,7 @@ def make_trainer(cfg: TrainConfig, device: str, job_dir: Path):
 
 
 def _rank_report(trainer) -> list[dict[str, Any]] | None:
-    from training.distributed import RankReport
+    from saereg.training.distributed import RankReport
 
     return next((c.ranks for c in trainer.callbacks if isinstance(c, RankReport)), None)
 
@@ -175,10 +175,10 @@ def run_training(cfg: TrainConfig | None = None, *, resume: Path | None = None,
     Under DDP every process runs this; the ones of global rank > 0 train and return None."""
     import logging
 
-    from training.distributed import JOB_ENV, barrier
-    from training.module import ActivationDataModule, SAETrainingModule
-    from training.progress import ProgressCallback
-    from training.tracking import Tracker, TrackingCallback
+    from saereg.training.distributed import JOB_ENV, barrier
+    from saereg.training.module import ActivationDataModule, SAETrainingModule
+    from saereg.training.progress import ProgressCallback
+    from saereg.training.tracking import Tracker, TrackingCallback
 
     for name in ("lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -268,8 +268,8 @@ def run_training(cfg: TrainConfig | None = None, *, resume: Path | None = None,
 def train_worker(cfg: TrainConfig, lm, d_ins: dict[str, int], trainer, ckpt_path: str | None):
     """A process of global rank > 0: train alongside rank 0 and return None. It creates no job
     folder and no MLflow run; rank 0 checkpoints, evaluates, saves and logs."""
-    from training.distributed import JOB_ENV, barrier
-    from training.module import ActivationDataModule, SAETrainingModule
+    from saereg.training.distributed import JOB_ENV, barrier
+    from saereg.training.module import ActivationDataModule, SAETrainingModule
 
     attached = os.environ.get(JOB_ENV)
     if attached and Path(attached).is_dir():
@@ -312,16 +312,16 @@ def finish(cfg: TrainConfig, lm, module, tracker, runs: dict[str, str], job_dir:
     """Evaluate on held-out text, write SAE folders and plots, log them, close the runs."""
     import torch
 
-    from registry.sae_files import save_sae
-    from training.data import TokenWindows
-    from training.evaluate import evaluate_saes
-    from training.tracking import density_histogram_png
+    from saereg.registry.sae.folder import save_sae
+    from saereg.training.data import TokenWindows
+    from saereg.training.evaluate import evaluate_saes
+    from saereg.training.tracking import density_histogram_png
 
     module = module.to(lm.device).eval()
     saes = {sid: (module.specs[sid].hook, sae) for sid, sae in module.saes.items()}
     metrics: dict[str, dict[str, float]] = {sid: {} for sid in saes}
     if cfg.from_cache:
-        from training.cache import evaluate_from_cache
+        from saereg.training.cache import evaluate_from_cache
 
         metrics = evaluate_from_cache(lm, saes, cfg.eval_tokens)
     elif cfg.eval_tokens > 0:

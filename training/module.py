@@ -22,12 +22,12 @@ import lightning as L
 import torch
 from torch import nn
 
-from registry.errors import TrainingDivergedError
-from registry.sae import SAE, SAEConfig, build_sae, expected_norm_scale
-from training.activations import ActivationStream, StreamDataset
-from training.config import SAETrainConfig, TrainConfig
-from training.distributed import all_gather_objects, all_reduce_sum, broadcast_, rank, world_size
-from training.losses import (COMPILED_ARCHITECTURES, LossSettings, compiled_loss, compute_loss,
+from saereg.registry.errors import TrainingDivergedError
+from saereg.registry.sae.modules import SAE, SAEConfig, build_sae, expected_norm_scale
+from saereg.training.activations import ActivationStream, StreamDataset
+from saereg.training.config import SAETrainConfig, TrainConfig
+from saereg.training.distributed import all_gather_objects, all_reduce_sum, broadcast_, rank, world_size
+from saereg.training.losses import (COMPILED_ARCHITECTURES, LossSettings, compiled_loss, compute_loss,
                              explained_variance, geometric_median, k_at, warmup)
 
 INIT_SAMPLE_TOKENS = 4096
@@ -282,7 +282,7 @@ class SAETrainingModule(L.LightningModule):
                     sae.threshold.clamp_(min=1e-6)
 
     def on_train_end(self) -> None:
-        from training.kernels import release_workspaces
+        from saereg.training.kernels import release_workspaces
 
         release_workspaces()  # the TopK pre-activation buffer; evaluation allocates its own
 
@@ -299,12 +299,12 @@ class ActivationDataModule(L.LightningDataModule):
         super().__init__()
         self.lm = lm
         self.cfg = cfg
-        self.cache = cache  # a training.cache.CacheSource: read activations instead of the model
+        self.cache = cache  # a saereg.training.cache.CacheSource: read activations instead of the model
         self._skip = 0
         self._stream: ActivationStream | None = None
 
     def make_windows(self, skip: int):
-        from training.data import TokenWindows
+        from saereg.training.data import TokenWindows
 
         return TokenWindows(self.lm.tokenizer, self.cfg.context_size, dataset=self.cfg.dataset,
                             text_column=self.cfg.text_column, skip_windows=skip, rank=rank(),
@@ -317,7 +317,7 @@ class ActivationDataModule(L.LightningDataModule):
         batch = self.cfg.batch_tokens // world_size()  # this process's share of a step
         seed = self.cfg.seed + self._skip + 7919 * rank()
         if self.cache is not None:
-            from training.cache import CacheStream
+            from saereg.training.cache import CacheStream
 
             self._stream = CacheStream(self.cache, self.cfg.hooks, batch_tokens=batch,
                                        buffer_tokens=self.cfg.buffer_tokens, seed=seed,

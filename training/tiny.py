@@ -10,8 +10,8 @@ import pathlib
 
 import torch
 
-from registry.errors import ConfigError
-from training.lm import _no_progress_bars
+from saereg.registry.errors import ConfigError
+from saereg.training.lm import _no_progress_bars
 
 
 def build_tiny_llama(path: pathlib.Path, *, vocab_size: int = 512, hidden_size: int = 64,
@@ -26,7 +26,7 @@ def build_tiny_llama(path: pathlib.Path, *, vocab_size: int = 512, hidden_size: 
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    from training.data import default_corpus
+    from saereg.training.data import default_corpus
 
     if vocab_size < 257:
         raise ConfigError(f"vocab_size must be at least 257 (256 bytes + 1 special), got {vocab_size}")

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 import lightning as L
 
-from registry.paths import mlflow_artifact_root, mlflow_tracking_uri
+from saereg.registry.paths import mlflow_artifact_root, mlflow_tracking_uri
 
 FLUSH_SECONDS = 10.0  # metrics reach the store at least this often
 DEAD_LOG10 = -10.0  # log10(rate + 1e-10) of a latent that never fired

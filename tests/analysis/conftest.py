@@ -25,7 +25,8 @@ BACKENDS = ["sqlite", pytest.param("postgresql", marks=[
 
 @pytest.fixture(scope="session")
 def analysis_pg_url():
-    from registry import db, migrate
+    from saereg.registry.catalog import db
+    from saereg.registry.catalog import migrate
 
     url = create_pg_database("saereg_feat")
     try:
@@ -37,7 +38,7 @@ def analysis_pg_url():
 
 @pytest.fixture(params=BACKENDS)
 def backend(request, monkeypatch, mlflow_store):
-    from registry import db
+    from saereg.registry.catalog import db
 
     monkeypatch.delenv("SAEREG_DATABASE_URL", raising=False)
     if request.param == "postgresql":

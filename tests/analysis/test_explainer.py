@@ -15,12 +15,12 @@ import pytest
 from click.testing import CliRunner
 from sqlalchemy import func, select
 
-from analysis.explainer import LLMConfig, label_llm
-from analysis.stats import AnalyzeConfig, analyze, feature_stats
-from registry import db
-from registry.cli import cli
-from registry.errors import SaeRegError
-from registry.feature_models import FeatureLabel
+from saereg.analysis.explainer import LLMConfig, label_llm
+from saereg.analysis.stats import AnalyzeConfig, analyze, feature_stats
+from saereg.registry.catalog import db
+from saereg.commands.main import cli
+from saereg.registry.errors import SaeRegError
+from saereg.registry.catalog.feature_schema import FeatureLabel
 
 
 class Handler(BaseHTTPRequestHandler):

@@ -14,13 +14,13 @@ import pytest
 from click.testing import CliRunner
 from sqlalchemy import func, select
 
-from analysis import labels
-from analysis.search import search_labels
-from analysis.stats import AnalyzeConfig, analyze
-from registry import db
-from registry.cli import cli
-from registry.errors import UsageError
-from registry.feature_models import FeatureLabel
+from saereg.analysis import labels
+from saereg.analysis.search import search_labels
+from saereg.analysis.stats import AnalyzeConfig, analyze
+from saereg.registry.catalog import db
+from saereg.commands.main import cli
+from saereg.registry.errors import UsageError
+from saereg.registry.catalog.feature_schema import FeatureLabel
 
 
 def n_labels() -> int:
@@ -60,7 +60,7 @@ def test_history_and_search(tiny_sae, monkeypatch):
 
 def test_heuristic_labels_every_live_feature_and_cli(tiny_sae, tmp_path):
     analyze(tiny_sae, AnalyzeConfig(tokens=512, context_size=32), progress=False)
-    from analysis.stats import feature_stats
+    from saereg.analysis.stats import feature_stats
 
     made = labels.label_heuristic(tiny_sae)
     live = [i for i in range(96) if feature_stats(tiny_sae, i)[2].flag != "dead"]
@@ -95,7 +95,7 @@ def test_heuristic_labels_every_live_feature_and_cli(tiny_sae, tmp_path):
 
 
 def test_help_imports_no_torch():
-    code = ("import sys; from click.testing import CliRunner; from registry.cli import cli; "
+    code = ("import sys; from click.testing import CliRunner; from saereg.commands.main import cli; "
             "r = CliRunner().invoke(cli, ['--help']); assert 'explain-prompt' in r.output; "
             "assert 'steer' in r.output; "
             "bad = [m for m in ('torch', 'transformers', 'mlflow') if m in sys.modules]; "
@@ -105,7 +105,7 @@ def test_help_imports_no_torch():
 
 def test_current_label_rule():
     """The newest accepted label, else the newest candidate; rejected ones never."""
-    from registry.feature_models import current_label
+    from saereg.registry.catalog.feature_schema import current_label
 
     def pick(statuses):
         found = current_label(list(enumerate(statuses)), lambda lab: lab[1])

@@ -8,10 +8,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from analysis.labels import add_label
-from analysis.search import search_labels
-from analysis.stats import AnalyzeConfig, analyze, feature_stats
-from analysis.steering import apply_preset, create_preset, get_preset
+from saereg.analysis.labels import add_label
+from saereg.analysis.search import search_labels
+from saereg.analysis.stats import AnalyzeConfig, analyze, feature_stats
+from saereg.analysis.steering import apply_preset, create_preset, get_preset
 
 pytestmark = pytest.mark.slow
 HOOK, CTX, TOKENS = "model.layers.3", 64, 1024
@@ -19,11 +19,11 @@ HOOK, CTX, TOKENS = "model.layers.3", 64, 1024
 
 @pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
 def test_catalog_on_smollm2(backend, smollm2, tmp_path):
-    from registry.api import load_sae, register_from_folder
-    from registry.sae import SAEConfig, build_sae
-    from registry.sae_files import save_sae
-    from training.data import TokenWindows
-    from training.lm import ActivationCapture, load_lm, special_token_mask
+    from saereg.registry.api import load_sae, register_from_folder
+    from saereg.registry.sae.modules import SAEConfig, build_sae
+    from saereg.registry.sae.folder import save_sae
+    from saereg.training.data import TokenWindows
+    from saereg.training.lm import ActivationCapture, load_lm, special_token_mask
 
     lm = load_lm(smollm2)
     cfg = SAEConfig(d_in=576, d_sae=256, architecture="topk", k=16,

@@ -11,19 +11,19 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from analysis.stats import AnalyzeConfig, analyze, feature_stats
-from registry import db
-from registry.cli import cli
-from registry.errors import UsageError
+from saereg.analysis.stats import AnalyzeConfig, analyze, feature_stats
+from saereg.registry.catalog import db
+from saereg.commands.main import cli
+from saereg.registry.errors import UsageError
 
 CTX, TOKENS = 32, 1024
 
 
 def recompute(ref: str):
     """Activations [N, T, F] over the same windows, the windows, and the keep mask."""
-    from registry.api import get_version, load_sae
-    from training.data import TokenWindows
-    from training.lm import ActivationCapture, load_lm, special_token_mask
+    from saereg.registry.api import get_version, load_sae
+    from saereg.training.data import TokenWindows
+    from saereg.training.lm import ActivationCapture, load_lm, special_token_mask
 
     info = get_version(ref)
     lm, sae = load_lm(info.model), load_sae(ref)
@@ -80,7 +80,7 @@ def test_stored_stats_match_a_recomputation(tiny_sae):
 def test_runs_accumulate_and_bad_index_is_refused(tiny_sae):
     from sqlalchemy import func, select
 
-    from registry.feature_models import FeatureStats, StatsRun
+    from saereg.registry.catalog.feature_schema import FeatureStats, StatsRun
 
     first = analyze(tiny_sae, AnalyzeConfig(tokens=256, context_size=CTX), progress=False)
     r = CliRunner().invoke(cli, ["analyze", tiny_sae, "--tokens", "512", "--context-size",

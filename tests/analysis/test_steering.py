@@ -14,17 +14,17 @@ from click.testing import CliRunner
 from feature_helpers import register_tiny_sae
 from sqlalchemy import func, select
 
-from analysis.steering import (
+from saereg.analysis.steering import (
     apply_preset,
     create_preset,
     get_preset,
     steer,
     stored_runs,
 )
-from registry import db
-from registry.cli import cli
-from registry.errors import UsageError
-from registry.feature_models import SteeringPreset, SteeringRun
+from saereg.registry.catalog import db
+from saereg.commands.main import cli
+from saereg.registry.errors import UsageError
+from saereg.registry.catalog.feature_schema import SteeringPreset, SteeringRun
 
 PROMPT = "Should I travel by plane or by"
 
@@ -36,7 +36,7 @@ def counts() -> tuple[int, int]:
 
 
 def test_preset_round_trip_and_steering_raises_top_logit(tiny_sae, tiny_lm):
-    from registry.api import load_sae
+    from saereg.registry.api import load_sae
 
     p1 = create_preset("travel", tiny_sae, [(None, 5, 200.0)],
                        generation={"max_new_tokens": 6, "temperature": 1.0, "seed": 3})

@@ -12,20 +12,20 @@ from click.testing import CliRunner
 from feature_helpers import register_tiny_sae
 from sqlalchemy import func, select
 
-from analysis.labels import add_label
-from analysis.neighbors import evaluate, neighbors
-from analysis.search import explain_prompt
-from registry import db
-from registry.cli import cli
-from registry.errors import UsageError
-from registry.feature_models import FeatureNeighbor, VersionEval
+from saereg.analysis.labels import add_label
+from saereg.analysis.neighbors import evaluate, neighbors
+from saereg.analysis.search import explain_prompt
+from saereg.registry.catalog import db
+from saereg.commands.main import cli
+from saereg.registry.errors import UsageError
+from saereg.registry.catalog.feature_schema import FeatureNeighbor, VersionEval
 
 PROMPT = "Would you be able to travel through time using a wormhole?"
 
 
 def test_explain_prompt(tiny_sae, tiny_lm):
-    from registry.api import load_sae
-    from training.lm import ActivationCapture
+    from saereg.registry.api import load_sae
+    from saereg.training.lm import ActivationCapture
 
     ids = tiny_lm.tokenizer(PROMPT, return_tensors="pt")["input_ids"]
     with torch.no_grad():
@@ -44,7 +44,7 @@ def test_explain_prompt(tiny_sae, tiny_lm):
 
 
 def test_neighbors_are_stored_and_cross_version(tiny_sae, tiny_model_dir, tmp_path):
-    from registry.api import load_sae
+    from saereg.registry.api import load_sae
 
     v2 = register_tiny_sae(tiny_model_dir, tmp_path, seed=1)
     w = load_sae(tiny_sae).W_dec.detach()

@@ -19,11 +19,11 @@ def make_sae_folder(path: Path, *, d_in: int = 16, d_sae: int = 64, arch: str = 
                     k: int | None = 4, seed: int = 0, model: str = "tiny-llama",
                     hook: str = "model.layers.1", sparsity: bool = True,
                     extra_metadata: dict | None = None) -> Path:
-    """An SAE folder as ``registry.sae_files.save_sae`` writes it (random weights)."""
+    """An SAE folder as ``saereg.registry.sae.folder.save_sae`` writes it (random weights)."""
     import torch
 
-    from registry.sae import K_ARCHITECTURES, SAEConfig, build_sae
-    from registry.sae_files import save_sae
+    from saereg.registry.sae.modules import K_ARCHITECTURES, SAEConfig, build_sae
+    from saereg.registry.sae.folder import save_sae
 
     cfg = SAEConfig(d_in=d_in, d_sae=d_sae, architecture=arch,
                     k=k if arch in K_ARCHITECTURES else None,
@@ -43,7 +43,7 @@ def log_training_run(client, folder_parent: Path, *, seed: int = 0, d_sae: int =
     hook, architecture, saereg.job_id, final eval metrics, and the SAE folder as ``sae/``."""
     from mlflow.entities import Metric, Param
 
-    from registry.paths import mlflow_artifact_root
+    from saereg.registry.paths import mlflow_artifact_root
 
     exp = client.get_experiment_by_name(TRACKING_EXPERIMENT)
     exp_id = exp.experiment_id if exp else client.create_experiment(
@@ -79,7 +79,7 @@ def sha256_of(path: Path) -> str:
 def table_counts(url: str | None = None) -> dict[str, int]:
     from sqlalchemy import text
 
-    from registry import db
+    from saereg.registry.catalog import db
 
     with db.get_engine(url).connect() as conn:
         return {t: conn.execute(text(f"SELECT count(*) FROM {t}")).scalar()
@@ -111,7 +111,7 @@ def drop_pg_database(url: str) -> None:
     from sqlalchemy import text
     from sqlalchemy.engine import make_url
 
-    from registry import db
+    from saereg.registry.catalog import db
 
     db.dispose_all()
     engine = pg_admin_engine()

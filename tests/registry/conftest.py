@@ -22,7 +22,8 @@ def pg_session_url():
     """A PostgreSQL catalog for this test session, migrated to head."""
     if not PG_SERVER:
         pytest.skip("SAEREG_TEST_POSTGRES_URL is not set")
-    from registry import db, migrate
+    from saereg.registry.catalog import db
+    from saereg.registry.catalog import migrate
 
     url = create_pg_database()
     try:
@@ -46,7 +47,7 @@ def pg_empty_url():
 def backend(request, monkeypatch):
     """The catalog backend of this test: "sqlite" (a fresh file in SAEREG_HOME) or
     "postgresql" (the session database, emptied). Sets SAEREG_DATABASE_URL accordingly."""
-    from registry import db
+    from saereg.registry.catalog import db
 
     monkeypatch.delenv("SAEREG_DATABASE_URL", raising=False)
     if request.param == "postgresql":
@@ -62,6 +63,6 @@ def backend(request, monkeypatch):
 
 @pytest.fixture
 def catalog(backend, mlflow_store):
-    from registry.catalog import Catalog
+    from saereg.registry.catalog.writes import Catalog
 
     return Catalog()

@@ -11,11 +11,11 @@ import pytest
 from catalog_helpers import log_training_run, make_sae_folder, table_counts
 from click.testing import CliRunner
 
-from registry.api import load_sae
-from registry.cli import cli
-from registry.errors import (HubError, NotFoundError, SAEFormatError, SAEMismatchError,
+from saereg.registry.api import load_sae
+from saereg.commands.main import cli
+from saereg.registry.errors import (HubError, NotFoundError, SAEFormatError, SAEMismatchError,
                              SAENotFoundError, UsageError, VersionNotFoundError)
-from registry.refs import parse_ref
+from saereg.registry.refs import parse_ref
 
 
 def nothing_written(catalog, mlflow_store) -> bool:

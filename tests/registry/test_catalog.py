@@ -17,12 +17,12 @@ import torch
 from catalog_helpers import log_training_run, make_sae_folder, sha256_of
 from sqlalchemy import select
 
-from registry import db
-from registry.api import export_sae, load_sae
-from registry.errors import DeprecatedVersionWarning, SaeRegError, UsageError
-from registry.models import Feature, SAEVersion
-from registry.sae_files import load_log_sparsity
-from registry.sae_files import load_sae as load_folder
+from saereg.registry.catalog import db
+from saereg.registry.api import export_sae, load_sae
+from saereg.registry.errors import DeprecatedVersionWarning, SaeRegError, UsageError
+from saereg.registry.catalog.schema import Feature, SAEVersion
+from saereg.registry.sae.folder import load_log_sparsity
+from saereg.registry.sae.folder import load_sae as load_folder
 
 
 def features_of(version_id: int) -> list[tuple[int, float | None]]:

@@ -16,8 +16,8 @@ import pytest
 from catalog_helpers import make_sae_folder
 from click.testing import CliRunner
 
-from registry.cli import cli
-from registry.paths import runs_dir
+from saereg.commands.main import cli
+from saereg.registry.paths import runs_dir
 
 SMALL = ["--k", "8", "--expansion", "4", "--context-size", "64", "--batch-tokens", "512",
          "--buffer-tokens", "2048", "--lm-batch-size", "8", "--eval-tokens", "1024",
@@ -32,7 +32,7 @@ def run(*args: str):
 def test_help_stays_light():
     code = textwrap.dedent("""
         import sys
-        from registry.cli import cli
+        from saereg.commands.main import cli
         for args in (["--help"], ["sae", "--help"], ["db", "--help"], ["sae", "alias", "--help"]):
             try:
                 cli.main(args, prog_name="saereg", standalone_mode=False)
@@ -98,7 +98,7 @@ def test_trained_run_registered_listed_shown_and_loaded_elsewhere(
            if not k.startswith(("MLFLOW_", "SAEREG_ARTIFACT"))}
     code = textwrap.dedent("""
         import sys, torch
-        from registry import load_sae
+        from saereg import load_sae
         sae = load_sae("tiny-l1@prod", device="cpu", dtype=torch.float64)
         print(sae.cfg.metadata["saereg_ref"], sae.W_enc.dtype, sae.cfg.d_sae,
               "mlflow" in sys.modules)

@@ -20,7 +20,7 @@ CHILD = textwrap.dedent("""
     import json, os, sys, time
     import mlflow.store.model_registry.sqlalchemy_store  # imports happen before the start line
     import mlflow.store.tracking.sqlalchemy_store
-    from registry.api import register_from_folder
+    from saereg.registry.api import register_from_folder
     go, folder = sys.argv[1], sys.argv[2]
     open(go + "-ready-" + sys.argv[3], "w").close()
     while not os.path.exists(go):
@@ -31,8 +31,8 @@ CHILD = textwrap.dedent("""
 
 
 def test_eight_processes_get_distinct_gapless_numbers(backend, mlflow_store, tmp_path):
-    from registry.catalog import Catalog
-    from registry.paths import saereg_home
+    from saereg.registry.catalog.writes import Catalog
+    from saereg.registry.paths import saereg_home
 
     if backend == "sqlite":
         assert not (saereg_home() / "catalog.db").exists()
@@ -70,7 +70,7 @@ def test_eight_processes_get_distinct_gapless_numbers(backend, mlflow_store, tmp
 
 OPENER = textwrap.dedent("""
     import os, sys, time
-    from registry.db import _create_engine
+    from saereg.registry.catalog.db import _create_engine
     go, db = sys.argv[1], sys.argv[2]
     engine = _create_engine("sqlite:///" + db)
     while not os.path.exists(go):

@@ -20,14 +20,14 @@ import pytest
 from catalog_helpers import make_sae_folder, sha256_of, table_counts
 from click.testing import CliRunner
 
-from registry.api import export_sae, gc, load_sae
-from registry.cli import cli
-from registry.errors import ChecksumError
-from registry.store import ArtifactStore, StoredFile, tree_id
+from saereg.registry.api import export_sae, gc, load_sae
+from saereg.commands.main import cli
+from saereg.registry.errors import ChecksumError
+from saereg.registry.catalog.store import ArtifactStore, StoredFile, tree_id
 
 CHILD = textwrap.dedent("""
     import sys
-    from registry.api import register_from_folder
+    from saereg.registry.api import register_from_folder
     register_from_folder(sys.argv[1], sys.argv[2])
     print("committed")
 """)
@@ -36,7 +36,7 @@ CHILD = textwrap.dedent("""
 @contextlib.contextmanager
 def catalog_write_lock(backend: str):
     """Hold the catalog's write lock from another connection (as a long transaction would)."""
-    from registry import db
+    from saereg.registry.catalog import db
 
     url = db.database_url()
     db.get_engine(url)  # the catalog exists and is migrated

@@ -17,9 +17,9 @@ from catalog_helpers import table_counts
 from click.testing import CliRunner
 from safetensors.torch import save_file
 
-from registry.api import load_sae
-from registry.cli import cli
-from registry.formats import detect_format, read_foreign
+from saereg.registry.api import load_sae
+from saereg.commands.main import cli
+from saereg.registry.sae.formats import detect_format, read_foreign
 
 D_IN, D_SAE, K = 16, 48, 5
 G = torch.Generator().manual_seed(0)
@@ -33,7 +33,7 @@ def rand(*shape: int) -> torch.Tensor:
 def home(mlflow_store, monkeypatch):
     monkeypatch.delenv("SAEREG_DATABASE_URL", raising=False)
     yield
-    from registry import db
+    from saereg.registry.catalog import db
 
     db.dispose_all()
 
@@ -134,7 +134,7 @@ def test_gemma_scope_params_npz(home, tmp_path):
     assert ours.cfg.architecture == "jumprelu" and not ours.cfg.apply_b_dec_to_input
     check(ours, encode, decode)
     with pytest.raises(Exception, match="cannot export to 'gemmascope'"):
-        from registry.formats import convert
+        from saereg.registry.sae.formats import convert
         convert("gs@1", tmp_path / "x", to="gemmascope")
     result = sh("sae", "convert", "gs@1", str(tmp_path / "sp"), "--to", "sparsify")
     assert result.exit_code == 2 and "topk" in result.output
@@ -175,14 +175,14 @@ def test_dictionary_learning_ae_pt(home, tmp_path, dict_class):
     result = sh("sae", "import", str(folder), "--name", "dl")
     assert result.exit_code == 0, result.output
     ours = load_sae("dl@1")
-    from registry.api import get_version
+    from saereg.registry.api import get_version
     v = get_version("dl@1")
     assert (v.model, v.hook) == ("EleutherAI/pythia-70m-deduped", "gpt_neox.layers.3")
     check(ours, encode, decode)
 
 
 def test_bad_foreign_input_registers_nothing(home, tmp_path):
-    from registry.catalog import Catalog
+    from saereg.registry.catalog.writes import Catalog
     Catalog().list()
     counts = table_counts()
     (tmp_path / "empty").mkdir()

@@ -23,13 +23,13 @@ from click.testing import CliRunner
 from hubserver import HubServer
 from sqlalchemy import select
 
-from registry import db
-from registry.api import load_sae
-from registry.catalog import Catalog
-from registry.cli import cli
-from registry.errors import ChecksumError, HubError, NotFoundError, SAEFormatError, UsageError
-from registry.hub import pull, push
-from registry.models import Publication
+from saereg.registry.catalog import db
+from saereg.registry.api import load_sae
+from saereg.registry.catalog.writes import Catalog
+from saereg.commands.main import cli
+from saereg.registry.errors import ChecksumError, HubError, NotFoundError, SAEFormatError, UsageError
+from saereg.registry.hub.sync import pull, push
+from saereg.registry.catalog.schema import Publication
 
 SECRET = "hf_TESTSECRETtoken0123456789"
 REPO = "acme/tiny-saes"
@@ -66,7 +66,7 @@ def home(mlflow_store, monkeypatch):
     from training-shaped MLflow runs, so they carry metrics and lineage)."""
     monkeypatch.delenv("SAEREG_DATABASE_URL", raising=False)
     cat = Catalog()
-    from registry.paths import saereg_home
+    from saereg.registry.paths import saereg_home
 
     work = saereg_home() / "work"
     for seed in (1, 2):
@@ -87,7 +87,7 @@ def switch_home(path, mlflow_template, monkeypatch) -> Catalog:
 
 
 def features_of(version_id: int) -> list[tuple[int, float | None]]:
-    from registry.models import Feature
+    from saereg.registry.catalog.schema import Feature
 
     with db.session() as s:
         return list(s.execute(select(Feature.feature_index, Feature.log10_firing_rate)
@@ -169,8 +169,8 @@ def test_push_then_pull_round_trip(hub, home, tmp_path, mlflow_template, monkeyp
 
 def _study(ref: str) -> None:
     """A stats run and a label history (relabelled, machine-made, accepted) on ``ref``."""
-    from analysis.labels import add_label, set_status
-    from analysis.stats import AnalyzeConfig, store_run
+    from saereg.analysis.labels import add_label, set_status
+    from saereg.analysis.stats import AnalyzeConfig, store_run
 
     info = home_version(ref)
     rows = [{"feature_index": f, "firing_rate": f / 1000, "mean_activation": 0.5 + f,
@@ -194,8 +194,8 @@ def home_version(ref: str):
 
 
 def _labels_and_stats(ref: str):
-    from analysis.labels import history
-    from analysis.stats import feature_stats
+    from saereg.analysis.labels import history
+    from saereg.analysis.stats import feature_stats
 
     info = home_version(ref)
     labels = {}
@@ -218,7 +218,7 @@ def _labels_and_stats(ref: str):
 
 
 def test_labels_and_statistics_round_trip(hub, home, tmp_path, mlflow_template, monkeypatch):
-    from analysis.search import search_labels
+    from saereg.analysis.search import search_labels
 
     _study("tiny@1")
     mine = _labels_and_stats("tiny@1")
@@ -253,7 +253,7 @@ def test_a_bad_features_file_on_pull_records_nothing(hub, home, tmp_path, mlflow
     """features.parquet whose labels point nowhere: the pull stops before recording anything."""
     import pyarrow.parquet as pq
 
-    from registry import hub_features
+    from saereg.registry.hub import features as hub_features
 
     _study("tiny@1")
     push("tiny@1", REPO)
@@ -325,7 +325,7 @@ def test_load_hf_ref_pinned_and_offline(hub, home, monkeypatch):
 def test_sae_lens_loads_the_pulled_folder(hub, home):
     sae_lens = pytest.importorskip("sae_lens")
     push("tiny@1", REPO)
-    from registry.hub import download_ref
+    from saereg.registry.hub.sync import download_ref
     folder, _ = download_ref(f"hf://{REPO}/tiny@tiny-v1")
     theirs = sae_lens.SAE.load_from_disk(str(folder), device="cpu")
     ours = load_sae(f"hf://{REPO}/tiny@tiny-v1")
@@ -410,7 +410,7 @@ def test_token_is_sent_but_never_kept(hub, home, caplog):
     assert SECRET not in str(err.value) and SECRET not in caplog.text
     for content in hub.files(REPO).values():
         assert SECRET.encode() not in content
-    from registry.paths import saereg_home
+    from saereg.registry.paths import saereg_home
     for f in saereg_home().rglob("*"):
         if f.is_file():
             assert SECRET.encode() not in f.read_bytes(), f
@@ -418,7 +418,7 @@ def test_token_is_sent_but_never_kept(hub, home, caplog):
 
 def test_help_does_not_import_the_hub_client():
     import subprocess
-    code = ("import sys; from click.testing import CliRunner; from registry.cli import cli; "
+    code = ("import sys; from click.testing import CliRunner; from saereg.commands.main import cli; "
             "r = CliRunner().invoke(cli, ['sync', '--help']); assert r.exit_code == 0, r.output; "
             "bad = [m for m in ('torch', 'mlflow', 'huggingface_hub', 'transformers') "
             "if m in sys.modules]; assert not bad, bad")

@@ -18,10 +18,12 @@ from sqlalchemy.dialects import postgresql
 
 from catalog_helpers import PG_SERVER, create_pg_database, drop_pg_database
 
-from registry import db, migrate
-from registry.catalog import Catalog
-from registry.cli import cli
-from registry.errors import CatalogNotMigratedError
+from saereg.registry.catalog import db
+
+from saereg.registry.catalog import migrate
+from saereg.registry.catalog.writes import Catalog
+from saereg.commands.main import cli
+from saereg.registry.errors import CatalogNotMigratedError
 
 PG = pytest.param("postgresql", marks=pytest.mark.postgres)
 FTS_TABLE, PG_FTS_INDEX = "feature_labels_fts", "ix_feature_labels_text_tsv"  # search, not ORM
@@ -344,14 +346,14 @@ def test_empty_to_head_gives_the_exact_schema(empty_url):
     from alembic.autogenerate import compare_metadata
     from alembic.runtime.migration import MigrationContext
 
-    from registry.models import Base
+    from saereg.registry.catalog.migrate import target_metadata
 
     with db.get_engine(empty_url, check_schema=False).connect() as conn:
         ctx = MigrationContext.configure(conn, opts={
             "compare_type": True,
             "include_name": lambda name, _type, _parent: not (name or "").startswith(
                 (FTS_TABLE, PG_FTS_INDEX))})
-        assert compare_metadata(ctx, Base.metadata) == []  # the ORM and the migrations agree
+        assert compare_metadata(ctx, target_metadata()) == []  # the ORM and the migrations agree
 
 
 def test_head_to_base_to_head(empty_url):

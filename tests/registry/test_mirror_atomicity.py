@@ -18,10 +18,10 @@ from catalog_helpers import make_sae_folder, table_counts
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 
-from registry import db
-from registry.api import gc
-from registry.catalog import Catalog
-from registry.errors import MirrorError
+from saereg.registry.catalog import db
+from saereg.registry.api import gc
+from saereg.registry.catalog.writes import Catalog
+from saereg.registry.errors import MirrorError
 
 
 def add_trigger(backend: str, table: str, when: str = "INSERT", body: str | None = None) -> None:
@@ -120,7 +120,7 @@ def test_alias_and_deprecation_stay_in_step(catalog, backend, mlflow_store, tmp_
 
 CHILD = textwrap.dedent("""
     import sys
-    from registry.api import register_from_folder
+    from saereg.registry.api import register_from_folder
     register_from_folder(sys.argv[1], "stalled")
     print("committed")
 """)

@@ -13,8 +13,8 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from registry.cli import cli
-from registry.paths import runs_dir
+from saereg.commands.main import cli
+from saereg.registry.paths import runs_dir
 
 HOOKS = ["model.layers.1", "model.layers.2"]
 
@@ -27,8 +27,8 @@ def make_cache(model_dir, out, tokens="3000", extra=()):
 
 
 def test_cache_round_trip_is_bit_exact(tiny_model_dir, tmp_path):
-    from training.data import TokenWindows
-    from training.lm import ActivationCapture, load_lm, special_token_mask
+    from saereg.training.data import TokenWindows
+    from saereg.training.lm import ActivationCapture, load_lm, special_token_mask
 
     out = tmp_path / "acts"
     result = make_cache(tiny_model_dir, out)
@@ -59,7 +59,7 @@ def test_cache_round_trip_is_bit_exact(tiny_model_dir, tmp_path):
 
 def test_interrupted_cache_is_refused_then_resumed(tiny_model_dir, tmp_path, mlflow_store,
                                                    monkeypatch):
-    import training.cache as cache_mod
+    import saereg.training.cache as cache_mod
 
     out = tmp_path / "acts"
     real = cache_mod._save_atomic
@@ -106,12 +106,12 @@ def test_train_sweep_from_cache_without_the_model(tiny_model_dir, tmp_path, mlfl
                                                   monkeypatch):
     out = tmp_path / "acts"
     assert make_cache(tiny_model_dir, out, tokens="4096").exit_code == 0
-    import training.lm
+    import saereg.training.lm
 
     def no_model(*a, **k):
         raise AssertionError("training from a cache must not load the model")
 
-    monkeypatch.setattr(training.lm, "load_lm", no_model)
+    monkeypatch.setattr(saereg.training.lm, "load_lm", no_model)
     result = CliRunner().invoke(cli, [
         "train", "--from-cache", str(out), "--hook", "1", "--hook", "model.layers.2",
         "--k", "4,8", "--expansion", "2", "--tokens", "6144", "--batch-tokens", "512",

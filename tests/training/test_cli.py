@@ -10,12 +10,12 @@ import sys
 
 from click.testing import CliRunner
 
-from registry.cli import cli
-from registry.paths import runs_dir
+from saereg.commands.main import cli
+from saereg.registry.paths import runs_dir
 
 
 def test_help_imports_no_heavy_library():
-    code = ("import sys; from registry.cli import cli\n"
+    code = ("import sys; from saereg.commands.main import cli\n"
             "try:\n    cli(['--help'], prog_name='saereg')\nexcept SystemExit:\n    pass\n"
             "heavy = [m for m in ('torch', 'transformers', 'mlflow', 'lightning', 'datasets')"
             " if m in sys.modules]\nprint('HEAVY', heavy)")
@@ -40,7 +40,7 @@ def test_sweep_trains_every_combination_from_one_pass(tiny_model_dir, mlflow_sto
     uri = f"sqlite:///{tmp_path / 'elsewhere.db'}"
     import shutil
 
-    from registry.paths import saereg_home
+    from saereg.registry.paths import saereg_home
 
     shutil.copy(saereg_home() / "mlflow.db", tmp_path / "elsewhere.db")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
@@ -63,7 +63,7 @@ def test_sweep_trains_every_combination_from_one_pass(tiny_model_dir, mlflow_sto
 def test_train_register_puts_the_sae_in_the_catalog(tiny_model_dir, mlflow_store):
     import torch
 
-    from registry import get_version, load_sae
+    from saereg import get_version, load_sae
 
     result = CliRunner().invoke(cli, [
         "train", str(tiny_model_dir), "--hook", "2", "--k", "4", "--expansion", "2",
@@ -76,7 +76,7 @@ def test_train_register_puts_the_sae_in_the_catalog(tiny_model_dir, mlflow_store
     (folder,) = job["saes"].values()
     info = get_version("tiny-l2")
     assert info.number == 1 and info.mlflow_run_id == run_id
-    from registry.sae_files import load_sae as load_folder
+    from saereg.registry.sae.folder import load_sae as load_folder
 
     x = torch.randn(5, 64)
     torch.testing.assert_close(load_sae("tiny-l2@1")(x), load_folder(folder)(x))

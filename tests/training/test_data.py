@@ -1,4 +1,4 @@
-"""training.data: the offline default corpus is large and deterministic; local files (txt
+"""saereg.training.data: the offline default corpus is large and deterministic; local files (txt
 paragraphs, jsonl rows, gzipped jsonl, folders) are read with stable doc ids and typed errors;
 the held-out split is a stable hash; TokenWindows packs the token stream into full windows that
 start with BOS, separate documents with EOS, are contiguous slices of the stream, keep train
@@ -13,9 +13,9 @@ import json
 import pytest
 import torch
 
-import training.corpus as corpus_module
-from registry.errors import ConfigError, DatasetError
-from training.data import TokenWindows, default_corpus, is_held_out, iter_documents
+import saereg.training.corpus as corpus_module
+from saereg.registry.errors import ConfigError, DatasetError
+from saereg.training.data import TokenWindows, default_corpus, is_held_out, iter_documents
 
 
 def test_default_corpus_is_large_unique_and_deterministic():

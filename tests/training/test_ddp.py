@@ -22,9 +22,9 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from registry.cli import cli
-from registry.paths import runs_dir
-from registry.sae_files import load_sae
+from saereg.commands.main import cli
+from saereg.registry.paths import runs_dir
+from saereg.registry.sae.folder import load_sae
 from train_helpers import first_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
@@ -39,7 +39,7 @@ def saereg(args, **kwargs):
     """`saereg ARGS` in a new process (Lightning's launcher re-runs this command line for rank 1)."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]))
-    return subprocess.Popen([sys.executable, "-m", "registry.cli", *args], env=env,
+    return subprocess.Popen([sys.executable, "-m", "saereg.commands.main", *args], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **kwargs)
 
 
@@ -80,7 +80,7 @@ def test_two_processes_train_one_job(tiny_model_dir, mlflow_store, tmp_path):
     assert [p.name for p in (job_dir / "saes").iterdir()] == [sid]
     sae = load_sae(folder)
     assert sae.cfg.d_sae == 256 and sae.cfg.k == 8
-    from training.distributed import tensors_sha256
+    from saereg.training.distributed import tensors_sha256
 
     saved = load_file(str(Path(folder) / "sae_weights.safetensors"))
     assert tensors_sha256(saved) == r0["sae_sha256"][sid]  # what both processes agreed on
@@ -130,7 +130,7 @@ def test_divergence_stops_both_processes(tiny_model_dir, mlflow_store, tmp_path)
 
 
 def test_windows_are_split_between_ranks(tiny_lm):
-    from training.data import TokenWindows
+    from saereg.training.data import TokenWindows
 
     def ids(n, **kw):
         return [w.input_ids for w in islice(TokenWindows(tiny_lm.tokenizer, 32, **kw), n)]
@@ -145,7 +145,7 @@ def test_windows_are_split_between_ranks(tiny_lm):
 
 
 def test_cache_rows_are_split_between_ranks(tiny_lm, tmp_path):
-    from training.cache import load_shard, write_cache
+    from saereg.training.cache import load_shard, write_cache
 
     m = write_cache(tiny_lm, [HOOK], tmp_path / "acts", 600, context_size=32, lm_batch_size=4,
                     shard_tokens=300, heldout_tokens=0, progress=False)

@@ -10,11 +10,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import training.kernels as kernels_module
-from registry.sae import SAEConfig, build_sae
-from training.kernels import (ActivePattern, gathered_pre_acts, release_workspaces, sparse_decode,
+import saereg.training.kernels as kernels_module
+from saereg.registry.sae.modules import SAEConfig, build_sae
+from saereg.training.kernels import (ActivePattern, gathered_pre_acts, release_workspaces, sparse_decode,
                               topk_encode, workspace)
-from training.losses import LossSettings, compute_loss
+from saereg.training.losses import LossSettings, compute_loss
 
 
 def make(d_in=24, d_sae=96, k=6, seed=0):
@@ -168,9 +168,9 @@ def test_sparse_path_under_bf16_autocast():
 
 
 def test_training_module_uses_the_sparse_path(monkeypatch):
-    import training.kernels as kernels
-    from training.config import SAETrainConfig, TrainConfig
-    from training.module import SAETrainingModule
+    import saereg.training.kernels as kernels
+    from saereg.training.config import SAETrainConfig, TrainConfig
+    from saereg.training.module import SAETrainingModule
 
     calls = []
     real = kernels.sparse_decode
@@ -186,7 +186,7 @@ def test_training_module_uses_the_sparse_path(monkeypatch):
     module.on_train_end()
     assert not getattr(kernels_module._workspaces, "bufs", None)
     # the sparse firing statistics equal the dense ones
-    from training.module import LatentStats
+    from saereg.training.module import LatentStats
 
     sae = module.saes["h-topk-x2-k4"]
     out = compute_loss(sae, torch.randn(32, 16), LossSettings(), torch.zeros(32, dtype=torch.bool))

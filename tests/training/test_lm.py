@@ -1,4 +1,4 @@
-"""training.lm: a model folder loads frozen and in eval mode; hook points list every module
+"""saereg.training.lm: a model folder loads frozen and in eval mode; hook points list every module
 output with its shape; hook names resolve exactly (or as a layer number) and unknown ones fail
 with near matches; ActivationCapture returns exactly the hidden states of a full forward, skips
 the layers after the deepest hook when stopping early, and always removes its hooks; special
@@ -15,9 +15,9 @@ import importlib.util
 import pytest
 import torch
 
-from registry.errors import ConfigError, HookNotFoundError, ModelNotFoundError
-from training.tiny import build_tiny_llama
-from training.lm import (
+from saereg.registry.errors import ConfigError, HookNotFoundError, ModelNotFoundError
+from saereg.training.tiny import build_tiny_llama
+from saereg.training.lm import (
     PACKAGED_MODELS,
     ActivationCapture,
     HookPoint,

@@ -9,10 +9,10 @@ import lightning as L
 import pytest
 import torch
 
-from registry.sae import SAEConfig, build_sae
-from training.config import SAETrainConfig, TrainConfig
-from training.losses import LossSettings, compute_loss, k_at
-from training.module import SAETrainingModule
+from saereg.registry.sae.modules import SAEConfig, build_sae
+from saereg.training.config import SAETrainConfig, TrainConfig
+from saereg.training.losses import LossSettings, compute_loss, k_at
+from saereg.training.module import SAETrainingModule
 
 HOOK = "toy"
 
@@ -155,7 +155,7 @@ def test_k_schedule_anneals_to_target():
 def test_compiled_loss_matches_eager(arch):
     """--compile's torch.compile'd loss gives the eager loss and gradients, for two SAEs of one
     architecture (each a guard of its own) and a coefficient that changes between steps."""
-    from training.losses import compiled_loss
+    from saereg.training.losses import compiled_loss
 
     saes = [build_sae(SAEConfig(d_in=32, d_sae=128, architecture=arch), seed=s) for s in (0, 1)]
     dead = torch.zeros(128, dtype=torch.bool)

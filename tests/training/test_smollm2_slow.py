@@ -9,8 +9,8 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from registry.cli import cli
-from registry.paths import runs_dir
+from saereg.commands.main import cli
+from saereg.registry.paths import runs_dir
 
 pytestmark = pytest.mark.slow
 

@@ -17,9 +17,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from registry.cli import cli
-from registry.paths import runs_dir
-from registry.sae_files import load_sae
+from saereg.commands.main import cli
+from saereg.registry.paths import runs_dir
+from saereg.registry.sae.folder import load_sae
 from train_helpers import first_checkpoint
 
 HOOKS = ["model.layers.1", "model.layers.2"]
@@ -39,8 +39,8 @@ def run_cli(args):
 
 
 def held_out_activations(model_dir, hook):
-    from training.data import TokenWindows
-    from training.lm import ActivationCapture, load_lm, special_token_mask
+    from saereg.training.data import TokenWindows
+    from saereg.training.lm import ActivationCapture, load_lm, special_token_mask
 
     lm = load_lm(str(model_dir))
     ids, _ = next(TokenWindows(lm.tokenizer, 64, held_out=True).batches(8))
@@ -110,7 +110,7 @@ def test_bf16_mixed_precision_trains_float32_weights(tiny_model_dir, mlflow_stor
     """--precision bf16-mixed: the encoder product and top-k run in bfloat16 under autocast
     (TopK through the sparse kernels, ReLU through the dense path); weights, optimizer and the
     saved SAE stay float32 and reconstruct held-out activations."""
-    import training.kernels as kernels
+    import saereg.training.kernels as kernels
 
     dtypes = []
     real = kernels.workspace
@@ -155,7 +155,7 @@ def test_compile_trains_the_dense_architectures_through_torch_compile(tiny_model
 
 def test_killed_job_resumes_from_checkpoint(tiny_model_dir, mlflow_store):
     env = dict(os.environ)
-    cmd = [sys.executable, "-c", "from registry.cli import main; main()", "train",
+    cmd = [sys.executable, "-c", "from saereg.commands.main import main; main()", "train",
            str(tiny_model_dir), "--hook", HOOKS[0], "--tokens", "200k", "--checkpoint-every", "10",
            *SMALL]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -235,7 +235,7 @@ def test_per_token_explained_variance_is_not_ruled_by_one_massive_token():
     """One token in 2,000 with 100x the norm, reconstructed exactly, makes the global ratio
     read ~0.96 while every other token is reconstructed at half its size (0.75 each); the
     per-token mean says 0.75."""
-    from training.evaluate import per_token_ev, token_variance
+    from saereg.training.evaluate import per_token_ev, token_variance
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2000, 32, generator=g)

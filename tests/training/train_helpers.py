@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from registry.paths import runs_dir
+from saereg.registry.paths import runs_dir
 
 
 def first_checkpoint(proc, timeout: float = 240) -> Path | None:

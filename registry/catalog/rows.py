@@ -11,8 +11,8 @@ from collections.abc import Mapping
 from sqlalchemy import insert, select
 from sqlalchemy.orm import Session
 
-from registry.mlflow_mirror import MlflowMirror
-from registry.models import KEY_METRICS, Feature
+from saereg.registry.catalog.mlflow_mirror import MlflowMirror
+from saereg.registry.catalog.schema import KEY_METRICS, Feature
 
 
 def current_user() -> str:

@@ -31,7 +31,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
-from registry.models import Base, Json, utcnow
+from saereg.registry.catalog.schema import Base, Json, utcnow
 
 LABEL_METHODS = ("human", "heuristic", "llm")
 LABEL_STATUSES = ("candidate", "accepted", "rejected")

@@ -26,8 +26,8 @@ from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
-from registry.errors import CatalogBusyError, CatalogNotMigratedError
-from registry.paths import saereg_home
+from saereg.registry.errors import CatalogBusyError, CatalogNotMigratedError
+from saereg.registry.paths import saereg_home
 
 T = TypeVar("T")
 
@@ -157,7 +157,7 @@ def ensure_schema(engine: Engine) -> None:
     SQLite: migrate (under a file lock, so concurrent first uses migrate once). Any other
     database: raise :class:`CatalogNotMigratedError` naming the command to run.
     """
-    from registry import migrate
+    from saereg.registry.catalog import migrate
 
     head = migrate.head_revision()
     current = _current(engine)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from registry.errors import (
+from saereg.registry.errors import (
     ChecksumError,
     HubError,
     NotFoundError,
@@ -31,7 +31,7 @@ from registry.errors import (
     UsageError,
     redact,
 )
-from registry.hub_card import (
+from saereg.registry.hub.card import (
     FEATURES_FILE,
     README_FILE,
     REGISTRY_FILE,
@@ -40,7 +40,7 @@ from registry.hub_card import (
     render_card,
     sha256_file,
 )
-from registry.refs import (
+from saereg.registry.refs import (
     parse_ref,
     validate_repo_id,
     validate_repo_path,
@@ -48,7 +48,7 @@ from registry.refs import (
 )
 
 if TYPE_CHECKING:
-    from registry.catalog import Catalog
+    from saereg.registry.catalog.writes import Catalog
 
 SAE_FILES = ("cfg.json", "sae_weights.safetensors", "sparsity.safetensors")
 PUBLISHED_FILES = (*SAE_FILES, REGISTRY_FILE, FEATURES_FILE)
@@ -148,7 +148,7 @@ def verify_folder(folder: Path, where: str) -> dict | None:
 def _recorded(cat: Catalog, version_id: int, direction: str, repo: str, path: str):
     from sqlalchemy import select
 
-    from registry.models import Publication as Row
+    from saereg.registry.catalog.schema import Publication as Row
 
     with cat.session() as s:
         return s.scalar(select(Row).where(Row.version_id == version_id,
@@ -160,10 +160,10 @@ def _record(cat: Catalog, version_id: int, direction: str, repo: str, path: str,
             revision: str, commit: str) -> None:
     from sqlalchemy import select
 
-    from registry import db
-    from registry.catalog_rows import current_user
-    from registry.models import Publication as Row
-    from registry.models import utcnow
+    from saereg.registry.catalog import db
+    from saereg.registry.catalog.rows import current_user
+    from saereg.registry.catalog.schema import Publication as Row
+    from saereg.registry.catalog.schema import utcnow
 
     def attempt() -> None:
         with cat.session(write=True) as s:
@@ -179,7 +179,7 @@ def _record(cat: Catalog, version_id: int, direction: str, repo: str, path: str,
 
 
 def _feature_export(cat: Catalog, info):  # noqa: ANN001 - a VersionInfo
-    from registry import hub_features
+    from saereg.registry.hub import features as hub_features
 
     with cat.session() as s:
         return hub_features.collect(s, info.id, info.d_sae)
@@ -202,9 +202,9 @@ def push(ref: str, repo: str, *, path: str | None = None, private: bool = False,
          database_url: str | None = None) -> Publication:
     """Publish catalog version ``ref`` to Hub repo ``repo`` at folder ``path`` (default: the SAE
     name) and tag it ``NAME-vN``. Pushing a version already published there is a no-op."""
-    from registry import hub_features
-    from registry.catalog import Catalog
-    from registry.store import ArtifactStore
+    from saereg.registry.hub import features as hub_features
+    from saereg.registry.catalog.writes import Catalog
+    from saereg.registry.catalog.store import ArtifactStore
 
     validate_repo_id(repo)
     cat = Catalog(database_url)
@@ -272,7 +272,7 @@ def _check_same(api, repo: str, path: str, commit: str, record: dict, tag: str) 
 def push_all(name: str, repo: str, *, path: str | None = None, private: bool = False,
              database_url: str | None = None) -> list[Publication]:
     """Push every version of SAE ``name`` not yet published to ``repo``, oldest first."""
-    from registry.catalog import Catalog
+    from saereg.registry.catalog.writes import Catalog
 
     versions = [v for v in Catalog(database_url).list(name=parse_ref(name).name)
                 if v.name == name]
@@ -316,7 +316,7 @@ def pull(spec: str, *, path: str | None = None, name: str | None = None,
     into the catalog, with their metrics, lineage and features. Every file is checked against
     registry.json before anything is recorded; a folder whose files are already a version of
     the same SAE adds nothing."""
-    from registry.catalog import Catalog
+    from saereg.registry.catalog.writes import Catalog
 
     repo, rev = parse_repo_spec(spec)
     prefix = validate_repo_path(path or "")
@@ -345,9 +345,9 @@ def pull(spec: str, *, path: str | None = None, name: str | None = None,
 
 def _register_pulled(cat: Catalog, repo: str, folder: str, commit: str, rev: str | None,
                      local: Path, record: dict | None, name: str | None) -> Pulled:
-    from registry.errors import SAENotFoundError
-    from registry.refs import validate_name
-    from registry.sources import read_folder
+    from saereg.registry.errors import SAENotFoundError
+    from saereg.registry.refs import validate_name
+    from saereg.registry.catalog.sources import read_folder
 
     record = record or {}
     name = validate_name(name or record.get("name") or folder.rsplit("/", 1)[-1] or
@@ -381,7 +381,7 @@ def _register_pulled(cat: Catalog, repo: str, folder: str, commit: str, rev: str
         tags["hub.mlflow_run_id"] = str(lineage["mlflow_run_id"])
     export = None
     if (local / FEATURES_FILE).is_file():
-        from registry import hub_features
+        from saereg.registry.hub import features as hub_features
 
         export = hub_features.read(local / FEATURES_FILE, src.d_sae)
         if src.log10_rates is None and any(r is not None for r in export.log10_rates):

@@ -69,8 +69,8 @@ def _parse_time(value: str | None) -> datetime | None:
 
 def collect(s: Session, version_id: int, d_sae: int) -> FeatureExport:
     """Everything the catalog holds about the latents of one version."""
-    from registry.feature_models import FeatureLabel, FeatureStats, StatsRun
-    from registry.models import Feature
+    from saereg.registry.catalog.feature_schema import FeatureLabel, FeatureStats, StatsRun
+    from saereg.registry.catalog.schema import Feature
 
     rates: list[float | None] = [None] * d_sae
     for i, r in s.execute(select(Feature.feature_index, Feature.log10_firing_rate)
@@ -121,7 +121,7 @@ def write(path: Path, export: FeatureExport) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from registry.feature_models import current_label
+    from saereg.registry.catalog.feature_schema import current_label
 
     n = export.d_sae
     stats = export.stats or [_stats_dict(None)] * n
@@ -150,7 +150,7 @@ def read(path: Path, d_sae: int) -> FeatureExport:
     """Read features.parquet (also an older one with only the first two columns)."""
     import pyarrow.parquet as pq
 
-    from registry.errors import SAEFormatError
+    from saereg.registry.errors import SAEFormatError
 
     try:
         table = pq.read_table(path)
@@ -191,10 +191,10 @@ def read(path: Path, d_sae: int) -> FeatureExport:
 def insert(s: Session, version_id: int, export: FeatureExport, *, source: str) -> None:
     """Record the statistics and labels of ``export`` for a new version, inside ``s``'s
     transaction (the caller's registration), keeping authors and times."""
-    from registry.feature_models import LABEL_METHODS, LABEL_STATUSES
-    from registry.feature_models import FeatureLabel, FeatureStats, StatsRun
-    from registry.errors import SAEFormatError
-    from registry.models import utcnow
+    from saereg.registry.catalog.feature_schema import LABEL_METHODS, LABEL_STATUSES
+    from saereg.registry.catalog.feature_schema import FeatureLabel, FeatureStats, StatsRun
+    from saereg.registry.errors import SAEFormatError
+    from saereg.registry.catalog.schema import utcnow
 
     if export.stats_run is not None and export.stats:
         meta = export.stats_run

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import click
 
-from registry.errors import UsageError
+from saereg.registry.errors import UsageError
 
 
 @click.group()
@@ -28,7 +28,7 @@ def sync() -> None:
               help="REF is an SAE name: push every version not yet published.")
 def sync_push(ref: str, repo: str, path: str | None, private: bool, all_versions: bool) -> None:
     """Publish version REF (NAME, NAME@3, NAME@prod) to a Hub repo, tagged NAME-vN."""
-    from registry import hub
+    from saereg.registry.hub import sync as hub
 
     if all_versions:
         if "@" in ref:
@@ -48,7 +48,7 @@ def sync_push(ref: str, repo: str, path: str | None, private: bool, all_versions
 @click.option("--name", default=None, help="Catalog name for the pulled SAE (one folder only).")
 def sync_pull(spec: str, path: str | None, name: str | None) -> None:
     """Register the SAEs of a Hub repo into the local catalog, checksums verified."""
-    from registry import hub
+    from saereg.registry.hub import sync as hub
 
     for p in hub.pull(spec, path=path, name=name):
         state = "registered as" if p.added else "already in the catalog as"

@@ -1,11 +1,11 @@
 """Commands for studying features: analyze, feature show, label, search, explain-prompt,
-preset and steer. Mounted lazily by ``registry.cli``; heavy imports happen inside commands."""
+preset and steer. Mounted lazily by ``saereg.commands.main``; heavy imports happen inside commands."""
 
 from __future__ import annotations
 
 import click
 
-from analysis.render import render_feature
+from saereg.analysis.render import render_feature
 
 
 @click.command()
@@ -17,8 +17,8 @@ from analysis.render import render_feature
 @click.option("--batch-size", default=8, show_default=True, type=int)
 def analyze(ref, dataset, tokens, context_size, batch_size):
     """Study every feature of REF in one pass over text; store it as a new stats run."""
-    from analysis.stats import AnalyzeConfig
-    from analysis.stats import analyze as run
+    from saereg.analysis.stats import AnalyzeConfig
+    from saereg.analysis.stats import analyze as run
 
     cfg = AnalyzeConfig(dataset=dataset, tokens=tokens, context_size=context_size,
                         batch_size=batch_size)
@@ -38,8 +38,8 @@ def feature():
 @click.option("--examples", default=5, show_default=True, type=int)
 def feature_show(ref, index, run_id, examples):
     """Labels, statistics, histogram, top examples and top logits of feature INDEX."""
-    from analysis.labels import history
-    from analysis.stats import feature_stats
+    from saereg.analysis.labels import history
+    from saereg.analysis.stats import feature_stats
 
     info, run, stats = feature_stats(ref, index, run_id=run_id)
     click.echo(render_feature(info, index, run, stats, history(ref, index), examples))
@@ -52,10 +52,10 @@ def feature_show(ref, index, run_id, examples):
 @click.option("--run", "run_id", type=int, default=None, help="Stats run id (default: latest).")
 def feature_plot(ref, index, out, run_id):
     """Write a PNG of feature INDEX: histogram and top examples."""
-    from analysis.labels import history
-    from analysis.plot import plot_feature
-    from analysis.stats import feature_stats
-    from registry.errors import UsageError
+    from saereg.analysis.labels import history
+    from saereg.analysis.plot import plot_feature
+    from saereg.analysis.stats import feature_stats
+    from saereg.registry.errors import UsageError
 
     info, run, stats = feature_stats(ref, index, run_id=run_id)
     if stats is None:
@@ -80,16 +80,16 @@ def feature_plot(ref, index, out, run_id):
 @click.option("--history", "show_history", is_flag=True, help="List every label of INDEX.")
 def label(ref, index, text, status, heuristic, llm, set_id, show_history):
     """Add a label to feature INDEX of REF (relabelling appends; history is kept)."""
-    from analysis import labels
-    from registry.errors import UsageError
+    from saereg.analysis import labels
+    from saereg.registry.errors import UsageError
 
     if heuristic:
         made = labels.label_heuristic(ref)
         click.echo(f"{len(made)} heuristic labels added to {ref}")
         return
     if llm:
-        from analysis.explainer import label_llm
-        from analysis.stats import feature_stats
+        from saereg.analysis.explainer import label_llm
+        from saereg.analysis.stats import feature_stats
 
         if index is not None:
             indices = [index]
@@ -127,7 +127,7 @@ def label(ref, index, text, status, heuristic, llm, set_id, show_history):
 @click.option("--limit", default=20, show_default=True, type=int)
 def search(query, model, hook, sae, min_rate, max_rate, limit):
     """Search feature labels (every word must match), best first."""
-    from analysis.search import search_labels
+    from saereg.analysis.search import search_labels
 
     hits = search_labels(query, model=model, hook=hook, sae=sae, min_rate=min_rate,
                          max_rate=max_rate, limit=limit)
@@ -144,7 +144,7 @@ def search(query, model, hook, sae, min_rate, max_rate, limit):
 @click.option("--top", default=5, show_default=True, type=int)
 def explain_prompt(prompt, ref, top):
     """The top features of an SAE on each token of PROMPT, with their labels."""
-    from analysis.search import explain_prompt as explain
+    from saereg.analysis.search import explain_prompt as explain
 
     for tf in explain(prompt, ref, top=top):
         feats = "  ".join(f"#{i} {v:.2f}" + (f" ({lab})" if lab else "")

@@ -21,8 +21,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from registry.errors import SAEFormatError
-from registry.sae import SAE, SAE_CLASSES, SAEConfig
+from saereg.registry.errors import SAEFormatError
+from saereg.registry.sae.modules import SAE, SAE_CLASSES, SAEConfig
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
@@ -150,7 +150,7 @@ def load_sae(path: str | Path, *, device: str | torch.device = "cpu",
     if missing or unexpected:
         raise SAEFormatError(f"{weights}: missing tensors {missing}, unexpected {unexpected}")
     if isinstance(dtype, str):
-        from registry.sae import DTYPES
+        from saereg.registry.sae.modules import DTYPES
         dtype = DTYPES[dtype]
     sae = sae.to(device=device, dtype=dtype) if dtype is not None else sae.to(device)
     sae.norm_scale.data = sae.norm_scale.data.float()

@@ -7,7 +7,7 @@ transaction back; a database failure after the MLflow change undoes the MLflow c
 attempts are retried when the database reports a lock timeout, a serialization failure or a
 deadlock.
 
-A registration stores the files first (content-addressed, see :mod:`registry.store`); a
+A registration stores the files first (content-addressed, see :mod:`saereg.registry.catalog.store`); a
 process that dies before the commit leaves only blobs that no version references, which
 ``saereg gc`` removes. Version numbers are allocated inside the locked transaction (max + 1,
 with ``UNIQUE(sae_id, number)`` behind it), so they are distinct and gapless.
@@ -24,18 +24,20 @@ from pathlib import Path
 from sqlalchemy import func, insert, select
 from sqlalchemy.orm import Session
 
-from registry import db, queries
-from registry.errors import SAEMismatchError, UsageError
-from registry.catalog_rows import (current_user, insert_features, insert_ignore, key_metrics,
+from saereg.registry.catalog import db
+
+from saereg.registry.catalog import queries
+from saereg.registry.errors import SAEMismatchError, UsageError
+from saereg.registry.catalog.rows import (current_user, insert_features, insert_ignore, key_metrics,
                                    restore_tags)
-from registry.catalog_rows import undo as undo_mirror
-from registry.mlflow_mirror import MlflowMirror
-from registry.models import (Alias, AliasEvent, CatalogMeta, LanguageModel, SAERecord,
+from saereg.registry.catalog.rows import undo as undo_mirror
+from saereg.registry.catalog.mlflow_mirror import MlflowMirror
+from saereg.registry.catalog.schema import (Alias, AliasEvent, CatalogMeta, LanguageModel, SAERecord,
                              SAEVersion, VersionFile, VersionNote, VersionTag, utcnow)
-from registry.refs import (Ref, format_ref, parse_ref, validate_alias, validate_name,
+from saereg.registry.refs import (Ref, format_ref, parse_ref, validate_alias, validate_name,
                            validate_tag_key)
-from registry.sources import Source, read_folder, read_run
-from registry.store import ArtifactStore, default_store_url
+from saereg.registry.catalog.sources import Source, read_folder, read_run
+from saereg.registry.catalog.store import ArtifactStore, default_store_url
 
 BINDING = ("model", "hook", "architecture", "d_in", "d_sae")
 
@@ -43,7 +45,7 @@ BINDING = ("model", "hook", "architecture", "d_in", "d_sae")
 class Catalog:
     """The catalog at ``database_url`` (default: ``SAEREG_DATABASE_URL`` or the SQLite file in
     ``SAEREG_HOME``), storing new files in ``store_url`` and mirroring to MLflow at
-    ``tracking_uri`` (default: ``registry.paths.mlflow_tracking_uri()``)."""
+    ``tracking_uri`` (default: ``saereg.registry.paths.mlflow_tracking_uri()``)."""
 
     def __init__(self, database_url: str | None = None, *, store_url: str | None = None,
                  tracking_uri: str | None = None):
@@ -69,7 +71,7 @@ class Catalog:
             return queries.version_info(s, queries.find_version(s, ref).id)
 
     def list(self, **filters) -> list[queries.VersionRow]:
-        """See :func:`registry.queries.list_versions` for the filters."""
+        """See :func:`saereg.registry.catalog.queries.list_versions` for the filters."""
         with self.session() as s:
             return queries.list_versions(s, **filters)
 

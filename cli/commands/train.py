@@ -79,7 +79,7 @@ def models_hooks(model: str, pattern: str | None, show_all: bool) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from training.lm import list_hook_points, load_lm
+    from saereg.training.lm import list_hook_points, load_lm
 
     lm = load_lm(model)
     points = list_hook_points(lm)
@@ -175,13 +175,13 @@ def train(model, hooks, archs, ks, expansions, d_sae, tokens, dataset, text_colu
 
         saereg train smollm2-135m --hook model.layers.6 --hook model.layers.12 --k 32 --tokens 2M
     """
-    from training.job import run_training
+    from saereg.training.job import run_training
 
     if resume:
         _finish(run_training(resume=_job_dir(resume), progress=not no_progress), register)
         return
     if from_cache:
-        from training.cache import read_manifest
+        from saereg.training.cache import read_manifest
 
         manifest = read_manifest(from_cache)
         if model and model != manifest["model"]:
@@ -193,7 +193,7 @@ def train(model, hooks, archs, ks, expansions, d_sae, tokens, dataset, text_colu
         raise click.UsageError("MODEL is required (or --resume JOB, or --from-cache PATH)")
     if not hooks:
         raise click.UsageError("at least one --hook is required; list them with: saereg models hooks MODEL")
-    from training.config import TrainConfig, sweep
+    from saereg.training.config import TrainConfig, sweep
 
     arch_list = [a.strip() for a in archs.split(",") if a.strip()]
     saes = sweep(list(hooks), arch_list, ks, expansions, d_sae=d_sae, lr=lr,
@@ -222,8 +222,8 @@ def _finish(result, register: str | None) -> None:
 
 def register_results(result, name: str) -> None:
     """Register every SAE of a finished job; one SAE takes NAME, several NAME-<sae id>."""
-    from registry.api import register_from_run
-    from registry.errors import SaeRegError
+    from saereg.registry.api import register_from_run
+    from saereg.registry.errors import SaeRegError
 
     for r in result.saes:
         target = name if len(result.saes) == 1 else f"{name}-{r.sae_id}"
@@ -237,14 +237,14 @@ def register_results(result, name: str) -> None:
 
 
 def _job_dir(ref: str) -> Path:
-    from registry.paths import runs_dir
+    from saereg.registry.paths import runs_dir
 
     p = Path(ref).expanduser()
     if p.is_dir():
         return p
     if (runs_dir() / ref).is_dir():
         return runs_dir() / ref
-    from registry.errors import NotFoundError
+    from saereg.registry.errors import NotFoundError
 
     known = sorted(d.name for d in runs_dir().glob("*")) if runs_dir().is_dir() else []
     raise NotFoundError("training job", ref, known)
@@ -260,8 +260,8 @@ def quickstart(tokens: int, hook: str, no_progress: bool, register: str | None) 
     on the offline default corpus, then print where to look.
 
     Small batches (1024 tokens) and lr 1e-3 make the most of a short CPU budget."""
-    from training.config import SAETrainConfig, TrainConfig
-    from training.job import run_training
+    from saereg.training.config import SAETrainConfig, TrainConfig
+    from saereg.training.job import run_training
 
     q = QUICKSTART
     cfg = TrainConfig(model=q["model"], tokens=tokens, batch_tokens=q["batch_tokens"],

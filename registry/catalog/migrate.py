@@ -1,6 +1,6 @@
 """Schema migrations of the catalog, driven programmatically (no alembic.ini at run time).
 
-The scripts live in the top-level ``migrations`` package (``env.py`` + ``versions/``); its
+The scripts live in the ``saereg.migrations`` package (``env.py`` + ``versions/``); its
 folder is Alembic's script location wherever the package is installed.
 """
 
@@ -13,6 +13,7 @@ from pathlib import Path
 from alembic import command
 from alembic.config import Config
 from alembic.script import ScriptDirectory
+from sqlalchemy import MetaData
 from sqlalchemy.engine import Engine
 
 
@@ -26,9 +27,17 @@ class Revision:
 
 
 def script_location() -> Path:
-    import migrations
+    import saereg.migrations
 
-    return Path(migrations.__file__).resolve().parent
+    return Path(saereg.migrations.__file__).resolve().parent
+
+
+def target_metadata() -> MetaData:
+    """The whole schema: the version tables and the feature-catalog tables, which share a Base."""
+    from saereg.registry.catalog import feature_schema  # noqa: F401  (registers its tables)
+    from saereg.registry.catalog.schema import Base
+
+    return Base.metadata
 
 
 def alembic_config(url: str | None = None) -> Config:

@@ -12,35 +12,35 @@ import sys
 
 import click
 
-from registry.errors import SaeRegError, UsageError
+from saereg.registry.errors import SaeRegError, UsageError
 
 LAZY_COMMANDS = {
-    "models": ("training.cli", "models", "Language models: list hook points and their shapes."),
-    "train": ("training.cli", "train", "Train SAEs on one or more hook points from one model pass."),
-    "cache": ("training.cache_cli", "cache",
+    "models": ("saereg.commands.train", "models", "Language models: list hook points and their shapes."),
+    "train": ("saereg.commands.train", "train", "Train SAEs on one or more hook points from one model pass."),
+    "cache": ("saereg.commands.cache", "cache",
               "Store a model's activations at hook points once, to train from them later."),
-    "quickstart": ("training.cli", "quickstart",
+    "quickstart": ("saereg.commands.train", "quickstart",
                    "Train a TopK SAE on the packaged SmolLM2, offline, in about ten minutes."),
-    "sae": ("registry.catalog_cli", "sae",
+    "sae": ("saereg.commands.sae", "sae",
             "Named SAEs: register versions, list, show, diff, aliases, deprecate, export."),
-    "db": ("registry.catalog_cli", "db", "The catalog database: schema migrations."),
-    "sync": ("registry.sync_cli", "sync",
+    "db": ("saereg.commands.sae", "db", "The catalog database: schema migrations."),
+    "sync": ("saereg.commands.sync", "sync",
              "Hugging Face Hub: push versions to a repo, pull published SAEs into the catalog."),
-    "analyze": ("analysis.cli", "analyze",
+    "analyze": ("saereg.commands.features", "analyze",
                 "Study every feature of an SAE version in one pass over text (a stats run)."),
-    "feature": ("analysis.cli", "feature", "One feature's dashboard: labels, stats, examples."),
-    "label": ("analysis.cli", "label", "Label features (history kept); heuristic labeller."),
-    "search": ("analysis.cli", "search", "Search feature labels, with filters."),
-    "explain-prompt": ("analysis.cli", "explain_prompt",
+    "feature": ("saereg.commands.features", "feature", "One feature's dashboard: labels, stats, examples."),
+    "label": ("saereg.commands.features", "label", "Label features (history kept); heuristic labeller."),
+    "search": ("saereg.commands.features", "search", "Search feature labels, with filters."),
+    "explain-prompt": ("saereg.commands.features", "explain_prompt",
                        "The top features on each token of a prompt, with labels."),
-    "preset": ("analysis.steer_cli", "preset", "Steering presets: versioned data."),
-    "steer": ("analysis.steer_cli", "steer",
+    "preset": ("saereg.commands.steer", "preset", "Steering presets: versioned data."),
+    "steer": ("saereg.commands.steer", "steer",
               "Default and steered continuations of a prompt, side by side (stored)."),
-    "neighbors": ("analysis.study_cli", "neighbors",
+    "neighbors": ("saereg.commands.study", "neighbors",
                   "Nearest features by decoder cosine, within or across versions."),
-    "eval": ("analysis.study_cli", "eval_cmd",
+    "eval": ("saereg.commands.study", "eval_cmd",
              "Evaluate a version on held-out text; store it and log it to MLflow."),
-    "gc": ("registry.catalog_cli", "gc",
+    "gc": ("saereg.commands.sae", "gc",
            "Remove stored files and MLflow versions that no catalog version references."),
 }
 
@@ -109,5 +109,5 @@ def main() -> None:
         sys.exit(130)
 
 
-if __name__ == "__main__":  # python -m registry.cli (how Lightning's launcher restarts it)
+if __name__ == "__main__":  # python -m saereg.commands.main (how Lightning's launcher restarts it)
     main()

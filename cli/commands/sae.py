@@ -13,8 +13,8 @@ from pathlib import Path
 
 import click
 
-from registry.cli import kv_pairs
-from registry.errors import UsageError
+from saereg.commands.main import kv_pairs
+from saereg.registry.errors import UsageError
 
 
 def _tag_filters(_ctx, _param, values) -> dict[str, str | None]:
@@ -45,7 +45,7 @@ def db() -> None:
 
 
 def _engine():
-    from registry import db as catalog_db
+    from saereg.registry.catalog import db as catalog_db
 
     return catalog_db.get_engine(check_schema=False)
 
@@ -54,8 +54,8 @@ def _engine():
 @click.argument("revision", default="head")
 def db_upgrade(revision: str) -> None:
     """Migrate the catalog up to REVISION (default: head)."""
-    from registry import db as catalog_db
-    from registry import migrate
+    from saereg.registry.catalog import db as catalog_db
+    from saereg.registry.catalog import migrate
 
     engine = _engine()
     before = migrate.current_revision(engine)
@@ -68,8 +68,8 @@ def db_upgrade(revision: str) -> None:
 @click.argument("revision", default="-1")
 def db_downgrade(revision: str) -> None:
     """Migrate the catalog down to REVISION (default: one step; `base` removes everything)."""
-    from registry import db as catalog_db
-    from registry import migrate
+    from saereg.registry.catalog import db as catalog_db
+    from saereg.registry.catalog import migrate
 
     engine = _engine()
     before = migrate.current_revision(engine)
@@ -83,8 +83,8 @@ def db_downgrade(revision: str) -> None:
 @db.command("current")
 def db_current() -> None:
     """Show the catalog's schema revision."""
-    from registry import db as catalog_db
-    from registry import migrate
+    from saereg.registry.catalog import db as catalog_db
+    from saereg.registry.catalog import migrate
 
     engine = _engine()
     current, head = migrate.current_revision(engine), migrate.head_revision()
@@ -95,7 +95,7 @@ def db_current() -> None:
 @db.command("history")
 def db_history() -> None:
     """List the schema revisions, oldest first."""
-    from registry import migrate
+    from saereg.registry.catalog import migrate
 
     current = migrate.current_revision(_engine())
     for rev in migrate.history(current):
@@ -126,7 +126,7 @@ def sae() -> None:
 def sae_register(path, run_id, name, model, hook, tags, note, parent) -> None:
     """Register PATH (an SAE folder: this project's or SAELens's) or --run RUN_ID as the next
     version of --name, mirrored to the MLflow Model Registry."""
-    from registry.catalog import Catalog
+    from saereg.registry.catalog.writes import Catalog
 
     if (path is None) == (run_id is None):
         raise UsageError("give either an SAE folder PATH or --run RUN_ID (exactly one)")
@@ -156,8 +156,8 @@ def sae_register(path, run_id, name, model, hook, tags, note, parent) -> None:
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
 def sae_list(model, hook, architecture, name, tags, latest, hide_deprecated, as_json) -> None:
     """List versions with their key metrics (EV, L0, CE-loss score, dead fraction)."""
-    from registry.catalog import Catalog
-    from registry.catalog_views import console, versions_table
+    from saereg.registry.catalog.writes import Catalog
+    from saereg.commands.catalog_views import console, versions_table
 
     rows = Catalog().list(model=model, hook=hook, architecture=architecture, name=name,
                           tags=tags, latest=latest, include_deprecated=not hide_deprecated)
@@ -179,8 +179,8 @@ def sae_list(model, hook, architecture, name, tags, latest, hide_deprecated, as_
 @click.option("--json", "as_json", is_flag=True, help="Everything as one JSON object.")
 def sae_show(ref: str, as_json: bool) -> None:
     """Config, metrics, lineage (run, dataset, tokens, parent), aliases and files of REF."""
-    from registry.catalog import Catalog
-    from registry.catalog_views import console, show_version, version_json
+    from saereg.registry.catalog.writes import Catalog
+    from saereg.commands.catalog_views import console, show_version, version_json
 
     v = Catalog().get(ref)
     if as_json:
@@ -194,8 +194,8 @@ def sae_show(ref: str, as_json: bool) -> None:
 @click.argument("ref2")
 def sae_diff(ref1: str, ref2: str) -> None:
     """Config and lineage differences, and every metric side by side, of two versions."""
-    from registry.catalog import Catalog
-    from registry.catalog_views import console, diff_table
+    from saereg.registry.catalog.writes import Catalog
+    from saereg.commands.catalog_views import console, diff_table
 
     console().print(diff_table(Catalog().diff(ref1, ref2)))
 
@@ -211,7 +211,7 @@ def sae_alias() -> None:
 @click.argument("version")
 def alias_set(name: str, alias: str, version: str) -> None:
     """Point ALIAS of SAE NAME at VERSION (a number, another alias, or latest)."""
-    from registry.catalog import Catalog
+    from saereg.registry.catalog.writes import Catalog
 
     v = Catalog().set_alias(name, alias, version)
     click.echo(f"{name}@{alias} -> {v.ref}")
@@ -222,7 +222,7 @@ def alias_set(name: str, alias: str, version: str) -> None:
 @click.argument("alias")
 def alias_unset(name: str, alias: str) -> None:
     """Remove ALIAS of SAE NAME (the history keeps it)."""
-    from registry.catalog import Catalog
+    from saereg.registry.catalog.writes import Catalog
 
     number = Catalog().unset_alias(name, alias)
     click.echo(f"removed {name}@{alias} (was version {number})")
@@ -232,8 +232,8 @@ def alias_unset(name: str, alias: str) -> None:
 @click.argument("name")
 def alias_history(name: str) -> None:
     """Every alias change of SAE NAME, oldest first."""
-    from registry.catalog import Catalog
-    from registry.catalog_views import console, history_table
+    from saereg.registry.catalog.writes import Catalog
+    from saereg.commands.catalog_views import console, history_table
 
     console().print(history_table(name, Catalog().alias_history(name)))
 
@@ -243,7 +243,7 @@ def alias_history(name: str) -> None:
 @click.option("--reason", required=True, help="Why, and what to use instead.")
 def sae_deprecate(ref: str, reason: str) -> None:
     """Mark REF deprecated: it stays loadable (with a warning) and is never deleted."""
-    from registry.catalog import Catalog
+    from saereg.registry.catalog.writes import Catalog
 
     v = Catalog().deprecate(ref, reason)
     click.echo(f"deprecated {v.ref}: {reason}")
@@ -254,7 +254,7 @@ def sae_deprecate(ref: str, reason: str) -> None:
 @click.argument("tags", nargs=-1, required=True, callback=kv_pairs)
 def sae_tag(ref: str, tags: dict[str, str]) -> None:
     """Set KEY=VALUE tags on REF (catalog and MLflow model version)."""
-    from registry.catalog import Catalog
+    from saereg.registry.catalog.writes import Catalog
 
     v = Catalog().tag(ref, tags)
     click.echo(f"{v.ref}: " + ", ".join(f"{k}={x}" for k, x in v.tags.items()))
@@ -265,7 +265,7 @@ def sae_tag(ref: str, tags: dict[str, str]) -> None:
 @click.argument("text")
 def sae_note(ref: str, text: str) -> None:
     """Append a note to REF."""
-    from registry.catalog import Catalog
+    from saereg.registry.catalog.writes import Catalog
 
     v = Catalog().add_note(ref, text)
     click.echo(f"{v.ref}: {len(v.notes)} note{'s' * (len(v.notes) != 1)}")
@@ -277,7 +277,7 @@ def sae_note(ref: str, text: str) -> None:
 @click.option("--force", is_flag=True, help="Replace DIRECTORY if it exists.")
 def sae_export(ref: str, directory: Path, force: bool) -> None:
     """Write REF's files (checksum-verified, SAELens layout) to DIRECTORY."""
-    from registry.api import export_sae
+    from saereg.registry.api import export_sae
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -296,7 +296,7 @@ def sae_export(ref: str, directory: Path, force: bool) -> None:
 def gc(dry_run: bool, min_age: float, no_mlflow: bool) -> None:
     """Remove stored files that no version references, leftover temporary files, and MLflow
     model versions whose catalog version never committed."""
-    from registry.api import gc as collect
+    from saereg.registry.api import gc as collect
 
     report = collect(dry_run=dry_run, min_age=min_age, mlflow=not no_mlflow)
     verb = "would remove" if dry_run else "removed"
@@ -312,7 +312,7 @@ def gc(dry_run: bool, min_age: float, no_mlflow: bool) -> None:
 
 
 def _mount_format_commands() -> None:
-    from registry.formats_cli import sae_convert, sae_import
+    from saereg.commands.formats import sae_convert, sae_import
 
     sae.add_command(sae_import)
     sae.add_command(sae_convert)

@@ -1,6 +1,6 @@
 """What a pushed SAE carries besides its SAELens files: ``registry.json`` (name, version,
 sha256 of every file, metrics, lineage) and the repo's README model card (YAML metadata and a
-table of every SAE in the repo); ``features.parquet`` is written by :mod:`registry.hub_features`.
+table of every SAE in the repo); ``features.parquet`` is written by :mod:`saereg.registry.hub.features`.
 
 The card keeps a machine-readable index of the repo's SAEs in an HTML comment, so a later push
 adds its row without downloading every ``registry.json`` of the repo.
@@ -82,7 +82,7 @@ def render_card(repo: str, index: dict[str, dict[str, Any]], old: str | None = N
     lines = [*yaml, "", f"# {repo}", "",
              ("Sparse autoencoders published with sae-registry, in the SAELens layout: load one "
               "with `sae_lens.SAE.load_from_disk` on a downloaded folder, or with "
-              f"`registry.api.load_sae(\"hf://{repo}/PATH@TAG\")`. Each folder's registry.json "
+              f"`saereg.registry.api.load_sae(\"hf://{repo}/PATH@TAG\")`. Each folder's registry.json "
               "lists the sha256 of every file, the metrics and the lineage."), "",
              ("| path | SAE | version | tag | model | hook | architecture | d_sae | L0 | "
               "explained variance |"),

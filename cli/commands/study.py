@@ -1,4 +1,4 @@
-"""`saereg neighbors` and `saereg eval` (mounted lazily by registry.cli)."""
+"""`saereg neighbors` and `saereg eval` (mounted lazily by saereg.commands.main)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import click
 @click.option("-k", default=10, show_default=True, type=int)
 def neighbors(ref, index, other, k):
     """The features nearest to INDEX of REF by decoder cosine (stored once computed)."""
-    from analysis.neighbors import neighbors as find
+    from saereg.analysis.neighbors import neighbors as find
 
     for n in find(ref, index, other=other, k=k):
         click.echo(f"{n.ref}\t{n.index}\t{n.cosine:+.4f}\t{n.label or ''}")
@@ -26,7 +26,7 @@ def neighbors(ref, index, other, k):
 @click.option("--no-mlflow", is_flag=True, help="Store in the catalog only.")
 def eval_cmd(ref, dataset, tokens, context_size, no_mlflow):
     """Evaluate REF on held-out text; store the result on the version and in MLflow."""
-    from analysis.neighbors import evaluate
+    from saereg.analysis.neighbors import evaluate
 
     out = evaluate(ref, dataset=dataset, tokens=tokens, context_size=context_size,
                    mlflow=not no_mlflow)

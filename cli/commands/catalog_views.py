@@ -10,7 +10,7 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
-from registry.queries import (AliasEventInfo, VersionDiff, VersionInfo, VersionRow, flatten,
+from saereg.registry.catalog.queries import (AliasEventInfo, VersionDiff, VersionInfo, VersionRow, flatten,
                               lineage_fields)
 
 KEY_COLUMNS = (("EV", "explained_variance"), ("L0", "l0"), ("CE score", "ce_loss_score"),

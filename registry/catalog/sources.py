@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from registry.errors import NotFoundError, SAEFormatError, SaeRegError, UsageError, redact
+from saereg.registry.errors import NotFoundError, SAEFormatError, SaeRegError, UsageError, redact
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"

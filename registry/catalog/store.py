@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-from registry.errors import ChecksumError, SaeRegError
-from registry.paths import saereg_home
+from saereg.registry.errors import ChecksumError, SaeRegError
+from saereg.registry.paths import saereg_home
 
 CHUNK = 4 << 20
 

@@ -20,7 +20,7 @@ from sqlalchemy import (JSON, BigInteger, CheckConstraint, DateTime, Float, Fore
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-from registry.errors import SaeRegError
+from saereg.registry.errors import SaeRegError
 
 NAMING = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -223,4 +223,3 @@ class Publication(Base):
     created_by: Mapped[str] = mapped_column(String(128))
 
 
-from registry import feature_models  # noqa: E402,F401  (the feature-catalog tables share Base)

@@ -27,7 +27,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from registry.errors import SAEFormatError, UsageError
+from saereg.registry.errors import SAEFormatError, UsageError
 
 FORMATS = ("saelens", "sparsify", "gemmascope", "dictionary_learning")
 EXPORT_FORMATS = ("saelens", "sparsify")
@@ -72,7 +72,7 @@ def _build(arch: str, tensors: dict, *, k: int | None = None, apply_b_dec: bool 
     """An SAE module of ``arch`` holding ``tensors`` (W_enc [d_in, d_sae], ...)."""
     import torch
 
-    from registry.sae import SAE_CLASSES, SAEConfig
+    from saereg.registry.sae.modules import SAE_CLASSES, SAEConfig
 
     w_enc = tensors["W_enc"]
     d_in, d_sae = int(w_enc.shape[0]), int(w_enc.shape[1])
@@ -169,7 +169,7 @@ def _read_dictionary_learning(p: Path):
 
 def read_foreign(path: str | Path, fmt: str = "auto"):
     """Load an SAE in any known layout as this project's module."""
-    from registry.sae_files import load_sae
+    from saereg.registry.sae.folder import load_sae
 
     p = Path(path).expanduser()
     fmt = detect_format(p) if fmt == "auto" else fmt
@@ -191,8 +191,8 @@ def import_sae(path: str | Path, name: str, *, fmt: str = "auto", model: str | N
                hook: str | None = None, tags: dict[str, str] | None = None,
                database_url: str | None = None):
     """Convert a foreign SAE and register it as the next version of ``name``."""
-    from registry.catalog import Catalog
-    from registry.sae_files import save_sae
+    from saereg.registry.catalog.writes import Catalog
+    from saereg.registry.sae.folder import save_sae
 
     sae = read_foreign(path, fmt)
     meta = sae.cfg.metadata
@@ -213,7 +213,7 @@ def export_sparsify(sae, dest: str | Path, *, overwrite: bool = False) -> Path:
 
     from safetensors.torch import save_file
 
-    from registry.sae_files import write_atomic_dir
+    from saereg.registry.sae.folder import write_atomic_dir
 
     if sae.cfg.architecture != "topk" or not sae.cfg.apply_b_dec_to_input:
         raise UsageError(f"the sparsify layout holds topk SAEs that subtract b_dec from the "
@@ -239,8 +239,8 @@ def export_sparsify(sae, dest: str | Path, *, overwrite: bool = False) -> Path:
 
 def convert(ref: str, dest: str | Path, *, to: str = "saelens", overwrite: bool = False) -> Path:
     """Write the SAE ``ref`` names (catalog, folder or hf://) in layout ``to``."""
-    from registry.api import load_sae
-    from registry.sae_files import save_sae
+    from saereg.registry.api import load_sae
+    from saereg.registry.sae.folder import save_sae
 
     if to not in EXPORT_FORMATS:
         raise UsageError(f"cannot export to {to!r}; use one of {', '.join(EXPORT_FORMATS)}")

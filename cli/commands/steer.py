@@ -1,4 +1,4 @@
-"""`saereg preset` and `saereg steer` (mounted lazily by registry.cli)."""
+"""`saereg preset` and `saereg steer` (mounted lazily by saereg.commands.main)."""
 
 from __future__ import annotations
 
@@ -35,8 +35,8 @@ def preset():
 def preset_create(name, ref, features, strengths, method, max_new_tokens, temperature, top_k,
                   seed):
     """Create preset NAME, or its next version (edit) when it exists."""
-    from analysis.steering import create_preset
-    from registry.errors import UsageError
+    from saereg.analysis.steering import create_preset
+    from saereg.registry.errors import UsageError
 
     if features and len(strengths) not in (1, len(features)):
         raise UsageError("give one --strength, or one per --feature")
@@ -54,7 +54,7 @@ def preset_show(name):
     """A preset version (NAME or NAME@N) as JSON."""
     import json
 
-    from analysis.steering import get_preset
+    from saereg.analysis.steering import get_preset
 
     p = get_preset(name)
     click.echo(json.dumps({"name": p.name, "version": p.number, "sae": p.ref, "model": p.model,
@@ -69,7 +69,7 @@ def preset_show(name):
 @click.option("--max-new-tokens", type=int, default=None)
 def steer(prompt, preset_ref, seed, max_new_tokens):
     """Print the default and the steered continuation of PROMPT side by side (same seed)."""
-    from analysis.steering import steer as run
+    from saereg.analysis.steering import steer as run
 
     r = run(preset_ref, prompt, seed=seed, generation={"max_new_tokens": max_new_tokens})
     width = 38

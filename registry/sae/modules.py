@@ -4,7 +4,7 @@ Architectures: ``relu`` (standard SAE, L1 penalty), ``topk``, ``batchtopk``, ``j
 ``gated`` and ``matryoshka`` (BatchTopK with nested dictionaries). Every module shares the
 same parameter names as the SAELens 6 layout (``W_enc`` [d_in, d_sae], ``W_dec`` [d_sae, d_in],
 ``b_enc``, ``b_dec``, plus ``threshold`` for JumpReLU and ``b_gate``/``b_mag``/``r_mag`` for
-gated), so saving is a plain write of the state dict (see :mod:`registry.sae_files`).
+gated), so saving is a plain write of the state dict (see :mod:`saereg.registry.sae.folder`).
 
 Input normalisation: training multiplies inputs by a fixed ``norm_scale`` (chosen so that
 E||x||^2 = d_in) and divides outputs by it. :meth:`SAE.fold_normalization` folds the scale into
@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from registry.errors import ConfigError
+from saereg.registry.errors import ConfigError
 
 ARCHITECTURES = ("relu", "topk", "batchtopk", "jumprelu", "gated", "matryoshka")
 K_ARCHITECTURES = ("topk", "batchtopk", "matryoshka")
@@ -221,7 +221,7 @@ class TopKSAE(SAE):
 
 
 class JumpReLUSAE(SAE):
-    """z * H(z - threshold); trained with a straight-through estimator (training.losses)."""
+    """z * H(z - threshold); trained with a straight-through estimator (saereg.training.losses)."""
 
     architecture = "jumprelu"
 
@@ -282,7 +282,7 @@ class BatchTopKSAE(SAE):
 
 class MatryoshkaSAE(BatchTopKSAE):
     """BatchTopK with nested dictionaries: every prefix of the latents (cfg.matryoshka_widths)
-    must reconstruct on its own (the nested loss lives in training.losses)."""
+    must reconstruct on its own (the nested loss lives in saereg.training.losses)."""
 
     architecture = "matryoshka"
 

@@ -7,7 +7,7 @@ carry the tags ``saereg.catalog`` (the catalog's id), ``saereg.uid`` (the catalo
 id) and ``saereg.version`` (its catalog number), which is how ``saereg gc`` finds MLflow
 versions whose catalog transaction never committed.
 
-The catalog drives the order (see :mod:`registry.catalog`): open the transaction, write here,
+The catalog drives the order (see :mod:`saereg.registry.catalog.writes`): open the transaction, write here,
 commit; undo here if the commit fails. Every failure here is raised as :class:`MirrorError`.
 """
 
@@ -19,8 +19,8 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from registry.errors import MirrorError, redact
-from registry.paths import mlflow_tracking_uri
+from saereg.registry.errors import MirrorError, redact
+from saereg.registry.paths import mlflow_tracking_uri
 
 MANAGED_TAG = "saereg.managed"
 

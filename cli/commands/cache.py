@@ -1,4 +1,4 @@
-"""``saereg cache``: harvest activations once into an on-disk cache (see training.cache).
+"""``saereg cache``: harvest activations once into an on-disk cache (see saereg.training.cache).
 
 Only click is imported at module level; torch and transformers load when the command runs.
 """
@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import click
 
-from training.cli import Count
+from saereg.commands.train import Count
 
 
 @click.command()
@@ -37,10 +37,10 @@ def cache(model, hooks, tokens, out, dataset, text_column, context_size, lm_batc
     """
     import torch
 
-    from registry.errors import ConfigError
-    from training.cache import write_cache
-    from training.job import check_dataset, resolve_device
-    from training.lm import load_lm
+    from saereg.registry.errors import ConfigError
+    from saereg.training.cache import write_cache
+    from saereg.training.job import check_dataset, resolve_device
+    from saereg.training.lm import load_lm
 
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16,
                    "float16": torch.float16}.get(dtype)
