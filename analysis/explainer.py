@@ -99,10 +99,10 @@ def label_llm(ref: str, indices: list[int], *, cfg: LLMConfig | None = None,
 
     from saereg.analysis.labels import add_labels
     from saereg.analysis.stats import check_index, latest_run_id
-    from saereg.registry.catalog import db
     from saereg.registry.api import get_version
-    from saereg.registry.errors import UsageError
+    from saereg.registry.catalog import db
     from saereg.registry.catalog.feature_schema import FeatureStats
+    from saereg.registry.errors import UsageError
 
     cfg = cfg or LLMConfig.from_env()
     info = get_version(ref, database_url=database_url)

@@ -16,8 +16,9 @@ from datetime import datetime
 from sqlalchemy import select
 
 from saereg.registry.catalog import db
+from saereg.registry.catalog.feature_schema import (LABEL_METHODS, LABEL_STATUSES, FeatureLabel,
+                                                    current_label)
 from saereg.registry.errors import NotFoundError, UsageError
-from saereg.registry.catalog.feature_schema import LABEL_METHODS, LABEL_STATUSES, FeatureLabel, current_label
 
 HEURISTIC_MODEL = "saereg-heuristic-v1"
 

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from sqlalchemy import select
 
 from saereg.registry.catalog import db
-from saereg.registry.errors import UsageError
 from saereg.registry.catalog.feature_schema import FeatureNeighbor, VersionEval
+from saereg.registry.errors import UsageError
 
 EVAL_EXPERIMENT = "sae-registry-eval"
 

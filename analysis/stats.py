@@ -243,8 +243,8 @@ def build_rows(acc: FeatureAccumulator, windows: list, tok, lens) -> list[dict]:
 
 def store_run(info, cfg: AnalyzeConfig, tokens: int, rows: list[dict], *,
               database_url: str | None = None) -> int:
-    from saereg.registry.catalog.rows import current_user
     from saereg.registry.catalog.feature_schema import FeatureStats, StatsRun
+    from saereg.registry.catalog.rows import current_user
 
     def write() -> int:
         with db.session(database_url, write=True) as s:

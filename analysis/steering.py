@@ -18,8 +18,8 @@ from typing import Any
 from sqlalchemy import func, select
 
 from saereg.registry.catalog import db
-from saereg.registry.errors import NotFoundError, UsageError
 from saereg.registry.catalog.feature_schema import STEER_METHODS, SteeringPreset, SteeringRun
+from saereg.registry.errors import NotFoundError, UsageError
 from saereg.registry.refs import validate_name
 
 GENERATION_DEFAULTS = {"max_new_tokens": 20, "temperature": 0.0, "top_k": 0, "seed": 0}

@@ -33,8 +33,8 @@ N_SAES, VERSIONS_PER_SAE = 1_000, 10
 def make_folder(path: Path, d_in: int, d_sae: int, seed: int) -> Path:
     import torch
 
-    from saereg.registry.sae.modules import SAEConfig, build_sae
     from saereg.registry.sae.folder import save_sae
+    from saereg.registry.sae.modules import SAEConfig, build_sae
 
     cfg = SAEConfig(d_in=d_in, d_sae=d_sae, architecture="topk", k=32,
                     metadata={"model_name": "bench-lm", "hook_name": "model.layers.6"})
@@ -92,8 +92,8 @@ def fill_catalog(url: str) -> None:
     from sqlalchemy import insert
 
     from saereg.registry.catalog import db
-    from saereg.registry.catalog.schema import (Alias, LanguageModel, SAERecord, SAEVersion, VersionTag,
-                                 utcnow)
+    from saereg.registry.catalog.schema import (Alias, LanguageModel, SAERecord, SAEVersion,
+                                                VersionTag, utcnow)
 
     now = utcnow()
     with db.session(url, write=True) as s:

@@ -15,12 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from saereg.registry.catalog.queries import VersionInfo, referenced_blobs, referenced_trees
+from saereg.registry.catalog.store import ArtifactStore, age_ok
 from saereg.registry.catalog.writes import Catalog
 from saereg.registry.errors import DeprecatedVersionWarning, MirrorError, UsageError
-from saereg.registry.catalog.queries import VersionInfo, referenced_blobs, referenced_trees
 from saereg.registry.refs import parse_ref
 from saereg.registry.sae.folder import write_atomic_dir
-from saereg.registry.catalog.store import ArtifactStore, age_ok
 
 if TYPE_CHECKING:
     import torch

@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from saereg.registry.sae.modules import SAE, BatchTopKSAE, GatedSAE, JumpReLUSAE, MatryoshkaSAE, TopKSAE
+from saereg.registry.sae.modules import (SAE, BatchTopKSAE, GatedSAE, JumpReLUSAE, MatryoshkaSAE,
+                                         TopKSAE)
 
 
 def rectangle(u: torch.Tensor) -> torch.Tensor:

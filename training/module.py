@@ -26,9 +26,11 @@ from saereg.registry.errors import TrainingDivergedError
 from saereg.registry.sae.modules import SAE, SAEConfig, build_sae, expected_norm_scale
 from saereg.training.activations import ActivationStream, StreamDataset
 from saereg.training.config import SAETrainConfig, TrainConfig
-from saereg.training.distributed import all_gather_objects, all_reduce_sum, broadcast_, rank, world_size
-from saereg.training.losses import (COMPILED_ARCHITECTURES, LossSettings, compiled_loss, compute_loss,
-                             explained_variance, geometric_median, k_at, warmup)
+from saereg.training.distributed import (all_gather_objects, all_reduce_sum, broadcast_, rank,
+                                         world_size)
+from saereg.training.losses import (COMPILED_ARCHITECTURES, LossSettings, compiled_loss,
+                                    compute_loss, explained_variance, geometric_median, k_at,
+                                    warmup)
 
 INIT_SAMPLE_TOKENS = 4096
 

@@ -10,8 +10,8 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
-from saereg.registry.catalog.queries import (AliasEventInfo, VersionDiff, VersionInfo, VersionRow, flatten,
-                              lineage_fields)
+from saereg.registry.catalog.queries import (AliasEventInfo, VersionDiff, VersionInfo, VersionRow,
+                                             flatten, lineage_fields)
 
 KEY_COLUMNS = (("EV", "explained_variance"), ("L0", "l0"), ("CE score", "ce_loss_score"),
                ("dead", "dead_fraction"))

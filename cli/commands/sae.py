@@ -156,8 +156,8 @@ def sae_register(path, run_id, name, model, hook, tags, note, parent) -> None:
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
 def sae_list(model, hook, architecture, name, tags, latest, hide_deprecated, as_json) -> None:
     """List versions with their key metrics (EV, L0, CE-loss score, dead fraction)."""
-    from saereg.registry.catalog.writes import Catalog
     from saereg.commands.catalog_views import console, versions_table
+    from saereg.registry.catalog.writes import Catalog
 
     rows = Catalog().list(model=model, hook=hook, architecture=architecture, name=name,
                           tags=tags, latest=latest, include_deprecated=not hide_deprecated)
@@ -179,8 +179,8 @@ def sae_list(model, hook, architecture, name, tags, latest, hide_deprecated, as_
 @click.option("--json", "as_json", is_flag=True, help="Everything as one JSON object.")
 def sae_show(ref: str, as_json: bool) -> None:
     """Config, metrics, lineage (run, dataset, tokens, parent), aliases and files of REF."""
-    from saereg.registry.catalog.writes import Catalog
     from saereg.commands.catalog_views import console, show_version, version_json
+    from saereg.registry.catalog.writes import Catalog
 
     v = Catalog().get(ref)
     if as_json:
@@ -194,8 +194,8 @@ def sae_show(ref: str, as_json: bool) -> None:
 @click.argument("ref2")
 def sae_diff(ref1: str, ref2: str) -> None:
     """Config and lineage differences, and every metric side by side, of two versions."""
-    from saereg.registry.catalog.writes import Catalog
     from saereg.commands.catalog_views import console, diff_table
+    from saereg.registry.catalog.writes import Catalog
 
     console().print(diff_table(Catalog().diff(ref1, ref2)))
 
@@ -232,8 +232,8 @@ def alias_unset(name: str, alias: str) -> None:
 @click.argument("name")
 def alias_history(name: str) -> None:
     """Every alias change of SAE NAME, oldest first."""
-    from saereg.registry.catalog.writes import Catalog
     from saereg.commands.catalog_views import console, history_table
+    from saereg.registry.catalog.writes import Catalog
 
     console().print(history_table(name, Catalog().alias_history(name)))
 

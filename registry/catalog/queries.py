@@ -15,11 +15,11 @@ from typing import Any
 from sqlalchemy import and_, case, exists, func, select
 from sqlalchemy.orm import Session, aliased, selectinload
 
-from saereg.registry.errors import SAENotFoundError, UsageError, VersionNotFoundError
 from saereg.registry.catalog.schema import (Alias, AliasEvent, LanguageModel, SAERecord, SAEVersion,
-                             VersionFile, VersionTag)
-from saereg.registry.refs import Ref, format_ref, parse_ref
+                                            VersionFile, VersionTag)
 from saereg.registry.catalog.store import StoredFile
+from saereg.registry.errors import SAENotFoundError, UsageError, VersionNotFoundError
+from saereg.registry.refs import Ref, format_ref, parse_ref
 
 
 @dataclass

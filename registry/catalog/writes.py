@@ -25,19 +25,19 @@ from sqlalchemy import func, insert, select
 from sqlalchemy.orm import Session
 
 from saereg.registry.catalog import db
-
 from saereg.registry.catalog import queries
-from saereg.registry.errors import SAEMismatchError, UsageError
-from saereg.registry.catalog.rows import (current_user, insert_features, insert_ignore, key_metrics,
-                                   restore_tags)
-from saereg.registry.catalog.rows import undo as undo_mirror
 from saereg.registry.catalog.mlflow_mirror import MlflowMirror
-from saereg.registry.catalog.schema import (Alias, AliasEvent, CatalogMeta, LanguageModel, SAERecord,
-                             SAEVersion, VersionFile, VersionNote, VersionTag, utcnow)
-from saereg.registry.refs import (Ref, format_ref, parse_ref, validate_alias, validate_name,
-                           validate_tag_key)
+from saereg.registry.catalog.rows import (current_user, insert_features, insert_ignore, key_metrics,
+                                          restore_tags)
+from saereg.registry.catalog.rows import undo as undo_mirror
+from saereg.registry.catalog.schema import (Alias, AliasEvent, CatalogMeta, LanguageModel,
+                                            SAERecord, SAEVersion, VersionFile, VersionNote,
+                                            VersionTag, utcnow)
 from saereg.registry.catalog.sources import Source, read_folder, read_run
 from saereg.registry.catalog.store import ArtifactStore, default_store_url
+from saereg.registry.errors import SAEMismatchError, UsageError
+from saereg.registry.refs import (Ref, format_ref, parse_ref, validate_alias, validate_name,
+                                  validate_tag_key)
 
 BINDING = ("model", "hook", "architecture", "d_in", "d_sae")
 

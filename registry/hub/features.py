@@ -193,8 +193,8 @@ def insert(s: Session, version_id: int, export: FeatureExport, *, source: str) -
     transaction (the caller's registration), keeping authors and times."""
     from saereg.registry.catalog.feature_schema import LABEL_METHODS, LABEL_STATUSES
     from saereg.registry.catalog.feature_schema import FeatureLabel, FeatureStats, StatsRun
-    from saereg.registry.errors import SAEFormatError
     from saereg.registry.catalog.schema import utcnow
+    from saereg.registry.errors import SAEFormatError
 
     if export.stats_run is not None and export.stats:
         meta = export.stats_run

@@ -23,29 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from saereg.registry.errors import (
-    ChecksumError,
-    HubError,
-    NotFoundError,
-    SAEFormatError,
-    UsageError,
-    redact,
-)
-from saereg.registry.hub.card import (
-    FEATURES_FILE,
-    README_FILE,
-    REGISTRY_FILE,
-    read_index,
-    registry_record,
-    render_card,
-    sha256_file,
-)
-from saereg.registry.refs import (
-    parse_ref,
-    validate_repo_id,
-    validate_repo_path,
-    validate_revision,
-)
+from saereg.registry.errors import (ChecksumError, HubError, NotFoundError, SAEFormatError,
+                                    UsageError, redact)
+from saereg.registry.hub.card import (FEATURES_FILE, README_FILE, REGISTRY_FILE, read_index,
+                                      registry_record, render_card, sha256_file)
+from saereg.registry.refs import parse_ref, validate_repo_id, validate_repo_path, validate_revision
 
 if TYPE_CHECKING:
     from saereg.registry.catalog.writes import Catalog
@@ -202,9 +184,9 @@ def push(ref: str, repo: str, *, path: str | None = None, private: bool = False,
          database_url: str | None = None) -> Publication:
     """Publish catalog version ``ref`` to Hub repo ``repo`` at folder ``path`` (default: the SAE
     name) and tag it ``NAME-vN``. Pushing a version already published there is a no-op."""
-    from saereg.registry.hub import features as hub_features
-    from saereg.registry.catalog.writes import Catalog
     from saereg.registry.catalog.store import ArtifactStore
+    from saereg.registry.catalog.writes import Catalog
+    from saereg.registry.hub import features as hub_features
 
     validate_repo_id(repo)
     cat = Catalog(database_url)
@@ -345,9 +327,9 @@ def pull(spec: str, *, path: str | None = None, name: str | None = None,
 
 def _register_pulled(cat: Catalog, repo: str, folder: str, commit: str, rev: str | None,
                      local: Path, record: dict | None, name: str | None) -> Pulled:
+    from saereg.registry.catalog.sources import read_folder
     from saereg.registry.errors import SAENotFoundError
     from saereg.registry.refs import validate_name
-    from saereg.registry.catalog.sources import read_folder
 
     record = record or {}
     name = validate_name(name or record.get("name") or folder.rsplit("/", 1)[-1] or

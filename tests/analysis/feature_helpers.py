@@ -9,8 +9,8 @@ def register_tiny_sae(model_dir, tmp_path: Path, name: str = "tiny-sae", *, d_sa
                       seed: int = 0, hook: str = "model.layers.1") -> str:
     """A TopK SAE (random weights) for the tiny LLaMA, registered; returns ``NAME@N``."""
     from saereg.registry.api import register_from_folder
-    from saereg.registry.sae.modules import SAEConfig, build_sae
     from saereg.registry.sae.folder import save_sae
+    from saereg.registry.sae.modules import SAEConfig, build_sae
 
     cfg = SAEConfig(d_in=64, d_sae=d_sae, architecture="topk", k=8,
                     metadata={"model_name": str(model_dir), "hook_name": hook})

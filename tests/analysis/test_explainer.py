@@ -17,10 +17,10 @@ from sqlalchemy import func, select
 
 from saereg.analysis.explainer import LLMConfig, label_llm
 from saereg.analysis.stats import AnalyzeConfig, analyze, feature_stats
-from saereg.registry.catalog import db
 from saereg.commands.main import cli
-from saereg.registry.errors import SaeRegError
+from saereg.registry.catalog import db
 from saereg.registry.catalog.feature_schema import FeatureLabel
+from saereg.registry.errors import SaeRegError
 
 
 class Handler(BaseHTTPRequestHandler):

@@ -17,10 +17,10 @@ from sqlalchemy import func, select
 from saereg.analysis import labels
 from saereg.analysis.search import search_labels
 from saereg.analysis.stats import AnalyzeConfig, analyze
-from saereg.registry.catalog import db
 from saereg.commands.main import cli
-from saereg.registry.errors import UsageError
+from saereg.registry.catalog import db
 from saereg.registry.catalog.feature_schema import FeatureLabel
+from saereg.registry.errors import UsageError
 
 
 def n_labels() -> int:

@@ -20,8 +20,8 @@ HOOK, CTX, TOKENS = "model.layers.3", 64, 1024
 @pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
 def test_catalog_on_smollm2(backend, smollm2, tmp_path):
     from saereg.registry.api import load_sae, register_from_folder
-    from saereg.registry.sae.modules import SAEConfig, build_sae
     from saereg.registry.sae.folder import save_sae
+    from saereg.registry.sae.modules import SAEConfig, build_sae
     from saereg.training.data import TokenWindows
     from saereg.training.lm import ActivationCapture, load_lm, special_token_mask
 

@@ -12,8 +12,8 @@ import torch
 from click.testing import CliRunner
 
 from saereg.analysis.stats import AnalyzeConfig, analyze, feature_stats
-from saereg.registry.catalog import db
 from saereg.commands.main import cli
+from saereg.registry.catalog import db
 from saereg.registry.errors import UsageError
 
 CTX, TOKENS = 32, 1024

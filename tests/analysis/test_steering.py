@@ -14,17 +14,11 @@ from click.testing import CliRunner
 from feature_helpers import register_tiny_sae
 from sqlalchemy import func, select
 
-from saereg.analysis.steering import (
-    apply_preset,
-    create_preset,
-    get_preset,
-    steer,
-    stored_runs,
-)
-from saereg.registry.catalog import db
+from saereg.analysis.steering import apply_preset, create_preset, get_preset, steer, stored_runs
 from saereg.commands.main import cli
-from saereg.registry.errors import UsageError
+from saereg.registry.catalog import db
 from saereg.registry.catalog.feature_schema import SteeringPreset, SteeringRun
+from saereg.registry.errors import UsageError
 
 PROMPT = "Should I travel by plane or by"
 

@@ -15,10 +15,10 @@ from sqlalchemy import func, select
 from saereg.analysis.labels import add_label
 from saereg.analysis.neighbors import evaluate, neighbors
 from saereg.analysis.search import explain_prompt
-from saereg.registry.catalog import db
 from saereg.commands.main import cli
-from saereg.registry.errors import UsageError
+from saereg.registry.catalog import db
 from saereg.registry.catalog.feature_schema import FeatureNeighbor, VersionEval
+from saereg.registry.errors import UsageError
 
 PROMPT = "Would you be able to travel through time using a wormhole?"
 

@@ -22,8 +22,8 @@ def make_sae_folder(path: Path, *, d_in: int = 16, d_sae: int = 64, arch: str = 
     """An SAE folder as ``saereg.registry.sae.folder.save_sae`` writes it (random weights)."""
     import torch
 
-    from saereg.registry.sae.modules import K_ARCHITECTURES, SAEConfig, build_sae
     from saereg.registry.sae.folder import save_sae
+    from saereg.registry.sae.modules import K_ARCHITECTURES, SAEConfig, build_sae
 
     cfg = SAEConfig(d_in=d_in, d_sae=d_sae, architecture=arch,
                     k=k if arch in K_ARCHITECTURES else None,

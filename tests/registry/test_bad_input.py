@@ -11,10 +11,10 @@ import pytest
 from catalog_helpers import log_training_run, make_sae_folder, table_counts
 from click.testing import CliRunner
 
-from saereg.registry.api import load_sae
 from saereg.commands.main import cli
+from saereg.registry.api import load_sae
 from saereg.registry.errors import (HubError, NotFoundError, SAEFormatError, SAEMismatchError,
-                             SAENotFoundError, UsageError, VersionNotFoundError)
+                                    SAENotFoundError, UsageError, VersionNotFoundError)
 from saereg.registry.refs import parse_ref
 
 

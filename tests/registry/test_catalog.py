@@ -17,10 +17,10 @@ import torch
 from catalog_helpers import log_training_run, make_sae_folder, sha256_of
 from sqlalchemy import select
 
-from saereg.registry.catalog import db
 from saereg.registry.api import export_sae, load_sae
-from saereg.registry.errors import DeprecatedVersionWarning, SaeRegError, UsageError
+from saereg.registry.catalog import db
 from saereg.registry.catalog.schema import Feature, SAEVersion
+from saereg.registry.errors import DeprecatedVersionWarning, SaeRegError, UsageError
 from saereg.registry.sae.folder import load_log_sparsity
 from saereg.registry.sae.folder import load_sae as load_folder
 

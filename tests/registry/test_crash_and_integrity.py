@@ -20,10 +20,10 @@ import pytest
 from catalog_helpers import make_sae_folder, sha256_of, table_counts
 from click.testing import CliRunner
 
-from saereg.registry.api import export_sae, gc, load_sae
 from saereg.commands.main import cli
-from saereg.registry.errors import ChecksumError
+from saereg.registry.api import export_sae, gc, load_sae
 from saereg.registry.catalog.store import ArtifactStore, StoredFile, tree_id
+from saereg.registry.errors import ChecksumError
 
 CHILD = textwrap.dedent("""
     import sys

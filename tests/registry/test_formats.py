@@ -17,8 +17,8 @@ from catalog_helpers import table_counts
 from click.testing import CliRunner
 from safetensors.torch import save_file
 
-from saereg.registry.api import load_sae
 from saereg.commands.main import cli
+from saereg.registry.api import load_sae
 from saereg.registry.sae.formats import detect_format, read_foreign
 
 D_IN, D_SAE, K = 16, 48, 5

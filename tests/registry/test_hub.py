@@ -23,13 +23,14 @@ from click.testing import CliRunner
 from hubserver import HubServer
 from sqlalchemy import select
 
-from saereg.registry.catalog import db
-from saereg.registry.api import load_sae
-from saereg.registry.catalog.writes import Catalog
 from saereg.commands.main import cli
-from saereg.registry.errors import ChecksumError, HubError, NotFoundError, SAEFormatError, UsageError
-from saereg.registry.hub.sync import pull, push
+from saereg.registry.api import load_sae
+from saereg.registry.catalog import db
 from saereg.registry.catalog.schema import Publication
+from saereg.registry.catalog.writes import Catalog
+from saereg.registry.errors import (ChecksumError, HubError, NotFoundError, SAEFormatError,
+                                    UsageError)
+from saereg.registry.hub.sync import pull, push
 
 SECRET = "hf_TESTSECRETtoken0123456789"
 REPO = "acme/tiny-saes"

@@ -18,11 +18,10 @@ from sqlalchemy.dialects import postgresql
 
 from catalog_helpers import PG_SERVER, create_pg_database, drop_pg_database
 
+from saereg.commands.main import cli
 from saereg.registry.catalog import db
-
 from saereg.registry.catalog import migrate
 from saereg.registry.catalog.writes import Catalog
-from saereg.commands.main import cli
 from saereg.registry.errors import CatalogNotMigratedError
 
 PG = pytest.param("postgresql", marks=pytest.mark.postgres)

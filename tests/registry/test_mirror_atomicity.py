@@ -18,8 +18,8 @@ from catalog_helpers import make_sae_folder, table_counts
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 
-from saereg.registry.catalog import db
 from saereg.registry.api import gc
+from saereg.registry.catalog import db
 from saereg.registry.catalog.writes import Catalog
 from saereg.registry.errors import MirrorError
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from saereg.registry.errors import ConfigError, SAEFormatError
-from saereg.registry.sae.modules import ARCHITECTURES, K_ARCHITECTURES, SAEConfig, build_sae
 from saereg.registry.sae.folder import load_log_sparsity, load_sae, save_sae
+from saereg.registry.sae.modules import ARCHITECTURES, K_ARCHITECTURES, SAEConfig, build_sae
 
 D_IN, D_SAE, K = 24, 96, 6
 

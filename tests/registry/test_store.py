@@ -14,9 +14,9 @@ import pytest
 from catalog_helpers import make_sae_folder, sha256_of
 
 from saereg.registry.api import gc, load_sae
+from saereg.registry.catalog.store import ArtifactStore, StoredFile, tree_id
 from saereg.registry.catalog.writes import Catalog
 from saereg.registry.errors import ChecksumError, SaeRegError
-from saereg.registry.catalog.store import ArtifactStore, StoredFile, tree_id
 
 
 def test_local_blobs_are_deduplicated_read_only_and_verified(tmp_path):

@@ -12,8 +12,8 @@ import torch
 
 import saereg.training.kernels as kernels_module
 from saereg.registry.sae.modules import SAEConfig, build_sae
-from saereg.training.kernels import (ActivePattern, gathered_pre_acts, release_workspaces, sparse_decode,
-                              topk_encode, workspace)
+from saereg.training.kernels import (ActivePattern, gathered_pre_acts, release_workspaces,
+                                     sparse_decode, topk_encode, workspace)
 from saereg.training.losses import LossSettings, compute_loss
 
 

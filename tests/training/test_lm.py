@@ -16,20 +16,10 @@ import pytest
 import torch
 
 from saereg.registry.errors import ConfigError, HookNotFoundError, ModelNotFoundError
+from saereg.training.lm import (PACKAGED_MODELS, ActivationCapture, HookPoint, hook_dim,
+                                list_hook_points, load_lm, packaged_gguf_path, resolve_hooks,
+                                saereg_home, special_token_mask, splice)
 from saereg.training.tiny import build_tiny_llama
-from saereg.training.lm import (
-    PACKAGED_MODELS,
-    ActivationCapture,
-    HookPoint,
-    hook_dim,
-    list_hook_points,
-    load_lm,
-    packaged_gguf_path,
-    resolve_hooks,
-    saereg_home,
-    special_token_mask,
-    splice,
-)
 
 
 def _ids(lm, text="The quick brown fox jumps over the lazy dog.", batch=1):
