@@ -16,9 +16,10 @@ import os
 import random
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from saereg.registry.errors import ConfigError, SaeRegError
+from saereg.analysis.tokens import display_token
+from saereg.registry.errors import ConfigError, SaeRegError, redact
 
 SYSTEM = ("You label features of a sparse autoencoder trained on a language model. Answer "
           "with the requested format only.")
@@ -28,8 +29,18 @@ SYSTEM = ("You label features of a sparse autoencoder trained on a language mode
 class LLMConfig:
     url: str
     model: str
-    api_key: str | None = None
+    api_key: str | None = field(default=None, repr=False)
     timeout: float = 60.0
+
+    def __repr__(self) -> str:  # the key never shows, nor credentials inside the URL
+        key = ", api_key='***'" if self.api_key else ""
+        return (f"LLMConfig(url={redact(self.url, self.api_key)!r}, model={self.model!r}{key}, "
+                f"timeout={self.timeout!r})")
+
+    @property
+    def shown_url(self) -> str:
+        """The endpoint as messages show it (no key, no credentials)."""
+        return redact(self.url, self.api_key)
 
     @classmethod
     def from_env(cls) -> LLMConfig:
@@ -52,13 +63,16 @@ def chat(cfg: LLMConfig, prompt: str) -> str:
             data = json.loads(resp.read())
         return str(data["choices"][0]["message"]["content"]).strip()
     except urllib.error.HTTPError as e:
-        raise SaeRegError(f"LLM endpoint {cfg.url} answered HTTP {e.code}") from None
-    except (urllib.error.URLError, OSError, KeyError, IndexError, ValueError) as e:
-        raise SaeRegError(f"LLM endpoint {cfg.url} failed: {type(e).__name__}") from None
+        raise SaeRegError(f"LLM endpoint {cfg.shown_url} answered HTTP {e.code}") from None
+    except urllib.error.URLError as e:
+        raise SaeRegError(f"LLM endpoint {cfg.shown_url} failed: "
+                          f"{redact(e.reason, cfg.api_key)}") from None
+    except (OSError, KeyError, IndexError, ValueError) as e:
+        raise SaeRegError(f"LLM endpoint {cfg.shown_url} failed: {type(e).__name__}") from None
 
 
 def _show(ex: dict, mark: bool) -> str:
-    toks = [t.replace("\u0120", " ").replace("\u010a", "\\n") for t in ex["tokens"]]
+    toks = [display_token(t) for t in ex["tokens"]]
     if mark:
         toks[ex["peak"]] = f"<<{toks[ex['peak']]}>>"
     return "".join(toks)
@@ -66,7 +80,7 @@ def _show(ex: dict, mark: bool) -> str:
 
 def explain_prompt_text(top_examples: list[dict], top_logits: list) -> str:
     lines = [f"{i + 1}. {_show(e, True)}" for i, e in enumerate(top_examples[:10])]
-    promotes = ", ".join(repr(t) for t, _ in top_logits[:10])
+    promotes = ", ".join(repr(display_token(t)) for t, _ in top_logits[:10])
     return ("Texts where the feature fires most (the strongest token is marked <<like this>>):\n"
             + "\n".join(lines) + f"\nTokens it promotes: {promotes}\n"
             "Reply with a label of at most 8 words.")

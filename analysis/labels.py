@@ -15,6 +15,7 @@ from datetime import datetime
 
 from sqlalchemy import select
 
+from saereg.analysis.tokens import display_token
 from saereg.registry.catalog import db
 from saereg.registry.catalog.feature_schema import (LABEL_METHODS, LABEL_STATUSES, FeatureLabel,
                                                     current_label)
@@ -131,7 +132,7 @@ def current(labels: list[LabelInfo]) -> LabelInfo | None:
 
 
 def _clean(token: str) -> str:
-    text = token.replace("\u0120", " ").replace("\u010a", "\\n").replace("\u2581", " ").strip()
+    text = display_token(token).strip()
     return text or repr(token)
 
 

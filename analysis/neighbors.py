@@ -12,6 +12,7 @@ from sqlalchemy import select
 from saereg.registry.catalog import db
 from saereg.registry.catalog.feature_schema import FeatureNeighbor, VersionEval
 from saereg.registry.errors import UsageError
+from saereg.training.corpus import dataset_name
 
 EVAL_EXPERIMENT = "sae-registry-eval"
 
@@ -108,7 +109,7 @@ def evaluate(ref: str, *, dataset: str | None = None, tokens: int = 8192,
 
     def write() -> None:
         with db.session(database_url, write=True) as s:
-            s.add(VersionEval(version_id=info.id, dataset=dataset or "saereg:default-corpus",
+            s.add(VersionEval(version_id=info.id, dataset=dataset_name(dataset),
                               tokens=int(metrics["eval_tokens"]), context_size=context_size,
                               metrics=metrics, mlflow_run_id=run_id, created_by=current_user()))
 
@@ -117,24 +118,14 @@ def evaluate(ref: str, *, dataset: str | None = None, tokens: int = 8192,
 
 
 def _log_mlflow(info, metrics: dict[str, float], dataset: str | None, context_size: int) -> str:
-    import time
+    from saereg.training.tracking import Tracker
 
-    from mlflow import MlflowClient
-    from mlflow.entities import Metric, Param
-
-    from saereg.registry.paths import mlflow_artifact_root, mlflow_tracking_uri
-
-    client = MlflowClient(tracking_uri=mlflow_tracking_uri())
-    exp = client.get_experiment_by_name(EVAL_EXPERIMENT)
-    exp_id = exp.experiment_id if exp else client.create_experiment(
-        EVAL_EXPERIMENT, artifact_location=f"{mlflow_artifact_root()}/{EVAL_EXPERIMENT}")
-    run = client.create_run(exp_id, run_name=f"eval-{info.ref}", tags={
+    tracker = Tracker(EVAL_EXPERIMENT)
+    run_id = tracker.start_run(f"eval-{info.ref}", params={
+        "dataset": dataset_name(dataset), "context_size": str(context_size)}, tags={
         "saereg.version": info.ref, "saereg.version_uid": info.uid, "model": info.model,
         "hook": info.hook})
-    ts = int(time.time() * 1000)
-    client.log_batch(run.info.run_id, params=[
-        Param("dataset", dataset or "saereg:default-corpus"),
-        Param("context_size", str(context_size))],
-        metrics=[Metric(f"eval/{k}", v, ts, 0) for k, v in metrics.items() if math.isfinite(v)])
-    client.set_terminated(run.info.run_id, "FINISHED")
-    return run.info.run_id
+    tracker.log_metrics(run_id, {f"eval/{k}": v for k, v in metrics.items() if math.isfinite(v)},
+                        step=0)
+    tracker.finish(run_id)
+    return run_id

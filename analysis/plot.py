@@ -14,7 +14,7 @@ def plot_feature(info, index: int, run, stats, labels, out: str | Path,
     import matplotlib.pyplot as plt
 
     from saereg.analysis.labels import current
-    from saereg.analysis.render import _tok
+    from saereg.analysis.tokens import display_token
 
     out = Path(out)
     if out.suffix.lower() != ".png":
@@ -43,7 +43,7 @@ def plot_feature(info, index: int, run, stats, labels, out: str | Path,
         ax2.text(x, y, f"{ex['activation']:.2f} ", fontsize=8, va="center", family="monospace")
         x = 0.07
         for tok, act in zip(ex["tokens"], ex["acts"]):
-            t = _tok(tok)
+            t = display_token(tok)
             shade = max(0.0, act) / top
             ax2.text(x, y, t, fontsize=8, va="center", family="monospace",
                      bbox={"facecolor": (1, 1 - 0.8 * shade, 1 - 0.8 * shade), "pad": 0.5,

@@ -1,9 +1,12 @@
 """Search over feature labels (SQLite FTS5 with bm25, PostgreSQL full text with ts_rank), the
 features that fire on a prompt, and nearest features by decoder cosine.
 
-Search matches every word of the query (stemmed); rejected labels never match; a feature is
-listed once (its best-ranked label). Filters: model, hook, SAE name, firing-rate range (from
-the version's latest stats run).
+Search matches every word of the query (stemmed) against every label a feature has had;
+rejected labels never match. A feature is listed once, ranked by its best-matching label, and
+shown with its current label (the one ``saereg feature show`` shows; the rule is
+:func:`saereg.registry.catalog.feature_schema.current_label`); when the match came from another
+label, such as one the current label superseded, the hit says which. Filters: model, hook, SAE
+name, firing-rate range (from the version's latest stats run).
 """
 
 from __future__ import annotations
@@ -19,6 +22,10 @@ from saereg.registry.errors import UsageError
 
 @dataclass(frozen=True)
 class SearchHit:
+    """A feature that matched: ``label``, ``method`` and ``status`` are those of its current
+    label; ``matched`` is the text of the label that matched the query when that is another
+    one (None when the current label itself matched)."""
+
     ref: str
     feature_index: int
     label: str
@@ -26,6 +33,7 @@ class SearchHit:
     status: str
     firing_rate: float | None
     rank: float
+    matched: str | None = None
 
 
 def _words(query: str) -> list[str]:
@@ -39,7 +47,8 @@ def search_labels(query: str, *, model: str | None = None, hook: str | None = No
                   sae: str | None = None, min_rate: float | None = None,
                   max_rate: float | None = None, limit: int = 20,
                   database_url: str | None = None) -> list[SearchHit]:
-    """Features whose labels contain every word of ``query``, best first."""
+    """Features with a label that contains every word of ``query``, best first, each shown
+    with its current label."""
     words = _words(query)
     if limit < 1:
         raise UsageError(f"limit must be positive, got {limit}")
@@ -76,7 +85,7 @@ def search_labels(query: str, *, model: str | None = None, hook: str | None = No
             SELECT h.*, ROW_NUMBER() OVER (PARTITION BY h.version_id, h.feature_index
                                            ORDER BY h.score, h.id DESC) AS rn FROM hits h)
         SELECT s.name, v.number, l.feature_index, l.text, l.method, l.status,
-               fs.firing_rate, l.score
+               fs.firing_rate, l.score, l.version_id, l.id
         FROM best l
         JOIN sae_versions v ON v.id = l.version_id
         JOIN saes s ON s.id = v.sae_id
@@ -88,8 +97,19 @@ def search_labels(query: str, *, model: str | None = None, hook: str | None = No
         LIMIT :limit"""
     with engine.connect() as conn:
         rows = conn.execute(text(sql), params).all()
-    return [SearchHit(f"{r[0]}@{r[1]}", r[2], r[3], r[4], r[5], r[6], -float(r[7]))
-            for r in rows]
+    wanted: dict[int, set[int]] = {}
+    for r in rows:
+        wanted.setdefault(r[8], set()).add(r[2])
+    current = {(vid, i): lab for vid, indices in wanted.items()
+               for i, lab in _current_rows(vid, sorted(indices), database_url).items()}
+    hits = []
+    for r in rows:
+        lab = current.get((r[8], r[2]))  # None only if rejected since the search: keep the match
+        label, method, status = (r[3], r[4], r[5]) if lab is None else (lab.text, lab.method,
+                                                                         lab.status)
+        hits.append(SearchHit(f"{r[0]}@{r[1]}", r[2], label, method, status, r[6], -float(r[7]),
+                              matched=None if lab is None or lab.id == r[9] else r[3]))
+    return hits
 
 
 @dataclass(frozen=True)
@@ -132,6 +152,12 @@ def explain_prompt(prompt: str, ref: str, *, top: int = 5,
 def current_labels(version_id: int, indices: list[int],
                    database_url: str | None = None) -> dict[int, str]:
     """Current label text per feature index (newest accepted, else newest candidate)."""
+    return {i: lab.text for i, lab in _current_rows(version_id, indices, database_url).items()}
+
+
+def _current_rows(version_id: int, indices: list[int], database_url: str | None):
+    """The current label row (id, feature_index, text, method, status) per feature index of
+    ``indices`` that has one."""
     from sqlalchemy import select
 
     from saereg.registry.catalog.feature_schema import FeatureLabel, current_label
@@ -139,8 +165,8 @@ def current_labels(version_id: int, indices: list[int],
     if not indices:
         return {}
     with db.session(database_url) as s:
-        rows = s.execute(select(FeatureLabel.feature_index, FeatureLabel.text,
-                                FeatureLabel.status)
+        rows = s.execute(select(FeatureLabel.id, FeatureLabel.feature_index, FeatureLabel.text,
+                                FeatureLabel.method, FeatureLabel.status)
                          .where(FeatureLabel.version_id == version_id,
                                 FeatureLabel.feature_index.in_(indices),
                                 FeatureLabel.status != "rejected")
@@ -148,4 +174,4 @@ def current_labels(version_id: int, indices: list[int],
     by_index: dict[int, list] = {}
     for row in rows:
         by_index.setdefault(row.feature_index, []).append(row)
-    return {i: current_label(h, lambda r: r.status).text for i, h in by_index.items()}
+    return {i: current_label(h, lambda r: r.status) for i, h in by_index.items()}

@@ -21,6 +21,7 @@ import torch
 
 from saereg.registry.catalog import db
 from saereg.registry.errors import ConfigError, NotFoundError, UsageError
+from saereg.training.corpus import dataset_name
 
 HIST_LO, HIST_HI, HIST_BINS = -4.0, 4.0, 40  # log10(activation) bins
 LEFT, RIGHT = 12, 4  # tokens kept before / after an example's peak
@@ -248,7 +249,7 @@ def store_run(info, cfg: AnalyzeConfig, tokens: int, rows: list[dict], *,
 
     def write() -> int:
         with db.session(database_url, write=True) as s:
-            run = StatsRun(version_id=info.id, dataset=cfg.dataset or "saereg:default-corpus",
+            run = StatsRun(version_id=info.id, dataset=dataset_name(cfg.dataset),
                            tokens=tokens, context_size=cfg.context_size,
                            code_version=code_version(), created_by=current_user(),
                            params={"batch_size": cfg.batch_size, "top_k": cfg.top_k,

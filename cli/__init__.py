@@ -19,6 +19,8 @@ _LAZY = {
     "register_from_run": "saereg.registry.api",
     "register_from_folder": "saereg.registry.api",
     "get_version": "saereg.registry.api",
+    "import_sae": "saereg.registry.api",
+    "convert_sae": "saereg.registry.api",
     "gc": "saereg.registry.api",
     "Catalog": "saereg.registry.catalog.writes",
     "VersionInfo": "saereg.registry.catalog.queries",

@@ -81,6 +81,44 @@ def _warn_if_deprecated(info: VersionInfo) -> None:
             f"{info.ref} is deprecated: {info.deprecation_reason}"), stacklevel=3)
 
 
+def import_sae(path: str | Path, name: str, *, fmt: str = "auto", model: str | None = None,
+               hook: str | None = None, tags: dict[str, str] | None = None,
+               database_url: str | None = None) -> VersionInfo:
+    """Convert a foreign SAE (sparsify, Gemma Scope npz, dictionary_learning, SAELens; ``fmt``
+    ``auto`` detects it) and register it as the next version of ``name``."""
+    from saereg.registry.sae.folder import save_sae
+    from saereg.registry.sae.formats import read_foreign
+
+    sae = read_foreign(path, fmt)
+    meta = sae.cfg.metadata
+    if model:
+        meta["model_name"] = model
+    if hook:
+        meta["hook_name"] = hook
+    meta["imported_from"] = f"{fmt}:{Path(path).expanduser().resolve()}"
+    with tempfile.TemporaryDirectory(prefix="saereg-import-") as tmp:
+        folder = save_sae(sae, Path(tmp) / "sae")
+        return Catalog(database_url).register_folder(folder, name, model=model, hook=hook,
+                                                     tags=tags, link_run=False)
+
+
+def convert_sae(ref: str, dest: str | Path, *, to: str = "saelens",
+                overwrite: bool = False) -> Path:
+    """Write the SAE ``ref`` names (catalog, folder or hf://) in layout ``to``."""
+    from saereg.registry.sae.folder import save_sae
+    from saereg.registry.sae.formats import EXPORT_FORMATS, export_sparsify
+
+    if to not in EXPORT_FORMATS:
+        raise UsageError(f"cannot export to {to!r}; use one of {', '.join(EXPORT_FORMATS)}")
+    sae = load_sae(ref)
+    if to == "sparsify":
+        return export_sparsify(sae, dest, overwrite=overwrite)
+    dest = Path(dest).expanduser()
+    if dest.exists() and not overwrite:
+        raise UsageError(f"{dest} already exists (pass --force to replace it)")
+    return save_sae(sae, dest, overwrite=overwrite)
+
+
 def load_sae(ref: str | os.PathLike, device: str | torch.device = "cpu",
              dtype: torch.dtype | str | None = None, *,
              database_url: str | None = None) -> SAE:
@@ -159,13 +197,26 @@ def gc(*, dry_run: bool = False, min_age: float = DEFAULT_GC_MIN_AGE, mlflow: bo
        tracking_uri: str | None = None) -> GcReport:
     """Remove what no catalog version references: blobs and trees of the artifact store,
     leftover temporary files, and MLflow model versions of this catalog whose catalog
-    transaction never committed. Only things older than ``min_age`` seconds are touched (a
-    registration in flight writes its files before it commits)."""
+    transaction never committed. Only things older than ``min_age`` seconds are touched.
+
+    A registration writes its files and its MLflow version before its catalog transaction
+    commits, so gc and registrations agree on what is in flight through
+    :mod:`saereg.registry.catalog.inflight`: candidates are listed without blocking anyone,
+    then gc waits until no registration is between its first stored file and its commit, holds
+    off new ones, re-reads what the catalog references and deletes only what is still
+    unreferenced. Nothing a registration in flight wrote is removed, whatever ``min_age``
+    (raises ``CatalogBusyError`` if registrations stay in flight for minutes)."""
+    from sqlalchemy import select
+
+    from saereg.registry.catalog.inflight import collecting
+    from saereg.registry.catalog.schema import SAEVersion
+
     cat = Catalog(database_url, store_url=store_url, tracking_uri=tracking_uri)
     store = cat.store
     report = GcReport(dry_run=dry_run, store=store.url)
     with cat.session() as s:
         blobs, trees = referenced_blobs(s), referenced_trees(s)
+        uids = set(s.scalars(select(SAEVersion.uid))) if mlflow else set()
     for sha, mtime in store.iter_blobs():
         if sha not in blobs and age_ok(mtime, min_age):
             report.blobs.append(sha)
@@ -173,32 +224,32 @@ def gc(*, dry_run: bool = False, min_age: float = DEFAULT_GC_MIN_AGE, mlflow: bo
         if tid not in trees and age_ok(mtime, min_age):
             report.trees.append(tid)
     report.temporary = [p for p, m in store.iter_tmp() if age_ok(m, min_age)]
+    stale: list[tuple[str, str, str]] = []
     if mlflow:
-        from sqlalchemy import select
-
-        from saereg.registry.catalog.schema import SAEVersion
-
-        with cat.session() as s:
-            uids = set(s.scalars(select(SAEVersion.uid)))
         try:
-            report.mlflow_versions = cat.mirror.stale_versions(cat.catalog_id(), uids, min_age)
+            stale = cat.mirror.stale_versions(cat.catalog_id(), uids, min_age)
         except MirrorError as e:
             report.mlflow_error = str(e)
+    report.mlflow_versions = [(name, version) for name, version, _ in stale]
     if dry_run:
         return report
-    with cat.session() as s:  # re-read: a registration may have committed meanwhile
-        blobs, trees = referenced_blobs(s), referenced_trees(s)
-    report.blobs = [b for b in report.blobs if b not in blobs]
-    report.trees = [t for t in report.trees if t not in trees]
-    for tid in report.trees:
-        store.delete_tree(tid)
-    for sha in list(report.blobs):
-        if not age_ok(store.blob_mtime(sha), min_age):  # reused by a registration in flight
-            report.blobs.remove(sha)
-            continue
-        store.delete_blob(sha)
-    for path in report.temporary:
-        store.delete_tmp(path)
-    for name, version in report.mlflow_versions:
+    with collecting(cat.url):  # no registration in flight until this block ends
+        with cat.session() as s:  # re-read: registrations may have committed meanwhile
+            blobs, trees = referenced_blobs(s), referenced_trees(s)
+            uids = set(s.scalars(select(SAEVersion.uid))) if stale else set()
+        report.blobs = [b for b in report.blobs
+                        if b not in blobs and age_ok(store.blob_mtime(b), min_age)]
+        report.trees = [t for t in report.trees if t not in trees]
+        for tid in report.trees:
+            store.delete_tree(tid)
+        for sha in report.blobs:
+            store.delete_blob(sha)
+        for path in report.temporary:  # written by registrations that have ended since
+            store.delete_tmp(path)
+    # Each attempt of a registration tags its MLflow version with a uid of its own; one that is
+    # not in the catalog now, with no registration in flight, can never be committed.
+    stale = [v for v in stale if v[2] not in uids]
+    report.mlflow_versions = [(name, version) for name, version, _ in stale]
+    for name, version, _ in stale:
         cat.mirror.delete_version(name, version)
     return report

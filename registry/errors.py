@@ -8,15 +8,80 @@ secret.
 from __future__ import annotations
 
 import difflib
+import os
 import re
+import sys
 from collections.abc import Iterable
+from urllib.parse import quote, unquote, urlsplit
 
-_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]*@")
+MASK = "***"
+
+# scheme://user:password@host -> scheme://user:***@host; scheme://token@host -> scheme://***@host
+_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)([^/?#@\s:]*)(:[^/?#\s]*)?@"
+                       r"(?=[^/?#\s@]*(?:[/?#\s]|$))")
+# ?token=..., &key=..., &api_key=..., X-Amz-Signature=... in URLs; api_key=..., access_token=...,
+# password=..., token=... anywhere (a bare ``key=`` only in a URL: "KEY=VALUE" is ordinary text)
+_SECRET_NAME = r"[A-Za-z0-9_.-]*?(?:token|key|password|passwd|secret|signature|sig|credentials?)"
+_SECRET_VALUE = r"(?!\*\*\*)[^&\s#'\"<>,;)]+"
+_QUERY_SECRET = re.compile(rf"(?<=[?&;])({_SECRET_NAME}=){_SECRET_VALUE}", re.IGNORECASE)
+_TEXT_SECRET = re.compile(rf"(?<![A-Za-z0-9_.])(?!key=)({_SECRET_NAME}=){_SECRET_VALUE}",
+                          re.IGNORECASE)
+_HF_TOKEN = re.compile(r"(?<![A-Za-z0-9_])hf_[A-Za-z0-9]{16,}")
+_AUTH_HEADER = re.compile(r"(\bauthorization['\"]?\s*[:=]\s*['\"]?)(?:(?:bearer|basic|token)\s+)?"
+                          r"[^\s,;'\"]+", re.IGNORECASE)
+_BEARER = re.compile(r"\b(Bearer|BEARER)\s+[A-Za-z0-9._~+/=-]{6,}")
+
+# Environment variables whose value is a secret, and those that hold a URL whose password is one.
+SECRET_VARS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "MLFLOW_TRACKING_PASSWORD",
+               "MLFLOW_TRACKING_TOKEN", "SAEREG_LLM_API_KEY")
+URL_VARS = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "SAEREG_DATABASE_URL",
+            "SAEREG_ARTIFACT_STORE", "SAEREG_LLM_URL", "HF_ENDPOINT")
+_MIN_SECRET = 4  # shorter values are not searched for (they would mask ordinary text)
 
 
-def redact(text: str) -> str:
-    """``scheme://user:password@host`` -> ``scheme://host`` everywhere in ``text``."""
-    return _USERINFO.sub(r"\1", text)
+def known_secrets() -> list[str]:
+    """The secret values this process was given: the variables in ``SECRET_VARS``, the
+    passwords inside the URLs of ``URL_VARS``, and huggingface_hub's stored token (only when
+    huggingface_hub is already imported)."""
+    found = [os.environ.get(v) for v in SECRET_VARS]
+    for var in URL_VARS:
+        try:
+            parts = urlsplit(os.environ.get(var) or "")
+            found.append(parts.password)
+        except ValueError:
+            continue
+    if "huggingface_hub" in sys.modules:
+        try:
+            from huggingface_hub import get_token
+
+            token = get_token()
+        except Exception:  # noqa: BLE001 - no stored token, or an unreadable one
+            token = None
+        found.append(token)
+    return [s for s in found if s]
+
+
+def redact(text: object, *secrets: str | None) -> str:
+    """``text`` (any object, as ``str``) with every secret masked as ``***``: the values in
+    ``secrets`` and :func:`known_secrets` (also URL-encoded), URL userinfo
+    (``scheme://user:***@host``, ``scheme://***@host``), ``token=``/``key=``/``password=``/
+    ``signature=`` style parameters, ``hf_...`` tokens and Authorization/Bearer values.
+
+    The one redaction function: every message, log line, tag, param or file that can carry a
+    URL, a header or an error from a remote service goes through it."""
+    out = str(text)
+    values = {s for s in (*secrets, *known_secrets()) if s and len(s) >= _MIN_SECRET}
+    for value in list(values):
+        values |= {unquote(value), quote(value, safe="")}
+    for value in sorted(values, key=len, reverse=True):
+        out = out.replace(value, MASK)
+    out = _USERINFO.sub(lambda m: m.group(1) + (f"{m.group(2)}:{MASK}@" if m.group(3) is not None
+                                                else f"{MASK}@"), out)
+    out = _QUERY_SECRET.sub(lambda m: m.group(1) + MASK, out)
+    out = _TEXT_SECRET.sub(lambda m: m.group(1) + MASK, out)
+    out = _HF_TOKEN.sub(f"hf_{MASK}", out)
+    out = _AUTH_HEADER.sub(lambda m: m.group(1) + MASK, out)
+    return _BEARER.sub(lambda m: f"{m.group(1)} {MASK}", out)
 
 
 class SaeRegError(Exception):
@@ -32,7 +97,18 @@ class UsageError(SaeRegError):
 
 
 class ConfigError(UsageError):
-    """A configuration value is out of range or inconsistent with another one."""
+    """A configuration value is out of range or inconsistent with another one.
+
+    ``field`` names the config field (the library argument) to fix, when there is one; the
+    message then starts with that name. The CLI shows the option that sets the field instead.
+    """
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field
+
+    def __reduce__(self):  # keep ``field`` across pickling (e.g. between processes)
+        return type(self), (str(self), self.field)
 
 
 class NotFoundError(SaeRegError):

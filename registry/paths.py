@@ -23,7 +23,11 @@ def runs_dir() -> Path:
 
 
 def mlflow_tracking_uri() -> str:
-    """``MLFLOW_TRACKING_URI`` wins; otherwise a SQLite store in SAEREG_HOME."""
+    """``MLFLOW_TRACKING_URI`` wins; otherwise a SQLite store in SAEREG_HOME.
+
+    Only the address: open a store through
+    :func:`saereg.registry.catalog.mlflow_mirror.ensure_tracking_store`, which creates a new
+    SQLite store once even when many processes open it together."""
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
         return uri

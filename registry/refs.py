@@ -105,6 +105,27 @@ def validate_revision(rev: str) -> str:
     return rev
 
 
+def looks_like_path(text: str, *, hub_ids: bool = False) -> bool:
+    """Whether ``text`` is written as a local path rather than a name.
+
+    It is when it starts with ``.``, ``/`` or ``~``, or holds the OS path separator. A ``/``
+    elsewhere makes it a path too, unless ``hub_ids`` says names may be hub ids (``ORG/NAME``,
+    as model and dataset names are): then it takes two ``/`` (no hub id has them). SAE names
+    never hold ``/``, so for SAE references any ``/`` means a path.
+    """
+    if text.startswith((".", "/", "~")) or (os.sep != "/" and os.sep in text):
+        return True
+    return text.count("/") >= (2 if hub_ids else 1)
+
+
+def format_hf_ref(repo: str, path: str = "", revision: str | None = None) -> str:
+    """The ``hf://ORG/REPO/PATH@REV`` reference :func:`parse_ref` reads back: no ``/PATH`` for
+    the repo root, no ``@REV`` when ``revision`` is empty."""
+    path = (path or "").strip("/")
+    return (f"hf://{repo}" + (f"/{path}" if path else "")
+            + (f"@{revision}" if revision else ""))
+
+
 def parse_ref(text: str | os.PathLike) -> Ref:
     """Parse an SAE reference (see the module docstring)."""
     if isinstance(text, os.PathLike):
@@ -123,8 +144,8 @@ def parse_ref(text: str | os.PathLike) -> Ref:
     if "://" in text:
         raise UsageError(f"unsupported reference scheme in {text!r}; use NAME, NAME@VERSION, "
                          "NAME@ALIAS or a local directory")
-    looks_like_path = text.startswith((".", "/", "~")) or os.sep in text or "/" in text
-    if looks_like_path or (Path(text).is_dir() and not NAME_RE.fullmatch(text.split("@")[0])):
+    if looks_like_path(text) or (Path(text).is_dir()
+                                 and not NAME_RE.fullmatch(text.split("@")[0])):
         path = Path(text).expanduser()
         if not path.is_dir():
             raise UsageError(f"{text}: no such directory (a reference is NAME, NAME@VERSION, "

@@ -71,8 +71,11 @@ def corpus_dir(tmp_path):
 
 
 @pytest.fixture(scope="session")
-def smollm2_converted(tmp_path_factory):
-    """The packaged SmolLM2-135M-Instruct converted once per session (about 20 s)."""
+def smollm2_conversion(tmp_path_factory):
+    """The session's one conversion of the packaged SmolLM2-135M-Instruct (about 20 s): the
+    ``SAEREG_HOME`` it was converted into (empty before) and what ``load_lm`` wrote to stderr."""
+    import contextlib
+    import io
     import os
 
     from saereg.training.lm import load_lm
@@ -80,13 +83,22 @@ def smollm2_converted(tmp_path_factory):
     home = tmp_path_factory.mktemp("smollm2-home")
     before = os.environ.get("SAEREG_HOME")
     os.environ["SAEREG_HOME"] = str(home)
+    err = io.StringIO()
     try:
-        load_lm("smollm2-135m")
+        with contextlib.redirect_stderr(err):
+            load_lm("smollm2-135m")
     finally:
         if before is None:
             os.environ.pop("SAEREG_HOME", None)
         else:
             os.environ["SAEREG_HOME"] = before
+    return home, err.getvalue()
+
+
+@pytest.fixture(scope="session")
+def smollm2_converted(smollm2_conversion):
+    """The folder of the session's converted SmolLM2 (never written to by tests)."""
+    home, _ = smollm2_conversion
     return home / "models" / "smollm2-135m"
 
 

@@ -33,20 +33,28 @@ class ActivationStream:
         from saereg.training.lm import ActivationCapture
 
         self.lm = lm
-        self.hooks = list(hooks)
         self.make_windows = make_windows
         self.lm_batch_size = lm_batch_size
+        self._init_buffer(hooks, batch_tokens=batch_tokens, buffer_tokens=buffer_tokens,
+                          seed=seed, skip=skip_windows, max_epochs=max_epochs)
+        self.capture = ActivationCapture(lm, self.hooks)
+
+    def _init_buffer(self, hooks: list[str], *, batch_tokens: int, buffer_tokens: int, seed: int,
+                     skip: int, max_epochs: int) -> None:
+        """The state of the shuffling buffer and of the source's position, whatever the source
+        (the model here, a cache's shards in :class:`saereg.training.cache.CacheStream`):
+        ``skip`` items of the source (windows, shards) were read before."""
+        self.hooks = list(hooks)
         self.batch_tokens = batch_tokens
         self.capacity = max(buffer_tokens, 2 * batch_tokens)
-        self.capture = ActivationCapture(lm, self.hooks)
         self.generator = torch.Generator().manual_seed(seed)
-        self.windows_consumed = skip_windows
+        self.windows_consumed = skip
         self.tokens_harvested = 0
         self.epoch = 0
         self.max_epochs = max_epochs
         self.buffer: dict[str, torch.Tensor] = {}
         self.pending: dict[str, torch.Tensor] = {}
-        self._lm_iter: Iterator[torch.Tensor] | None = None
+        self._lm_iter: Iterator | None = None
         self._digest = hashlib.sha256()
 
     @property

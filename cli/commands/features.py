@@ -1,11 +1,11 @@
-"""Commands for studying features: analyze, feature show, label, search, explain-prompt,
-preset and steer. Mounted lazily by ``saereg.commands.main``; heavy imports happen inside commands."""
+"""Commands for studying features: analyze, feature show and plot, label, search and
+explain-prompt; heavy imports happen inside the commands."""
 
 from __future__ import annotations
 
 import click
 
-from saereg.analysis.render import render_feature
+from saereg.commands.feature_views import render_feature
 
 
 @click.command()
@@ -126,7 +126,11 @@ def label(ref, index, text, status, heuristic, llm, set_id, show_history):
 @click.option("--max-rate", type=float, default=None, help="Highest firing rate (0..1).")
 @click.option("--limit", default=20, show_default=True, type=int)
 def search(query, model, hook, sae, min_rate, max_rate, limit):
-    """Search feature labels (every word must match), best first."""
+    """Search feature labels (every word must match), best first.
+
+    Every label a feature has had is searched (rejected ones never), and each feature is listed
+    once, with its current label, the one `saereg feature show` shows, even when the query
+    matched an older label that the current one superseded."""
     from saereg.analysis.search import search_labels
 
     hits = search_labels(query, model=model, hook=hook, sae=sae, min_rate=min_rate,
@@ -135,7 +139,8 @@ def search(query, model, hook, sae, min_rate, max_rate, limit):
         click.echo("no matching features")
     for h in hits:
         rate = "-" if h.firing_rate is None else f"{h.firing_rate:.2e}"
-        click.echo(f"{h.ref}\t{h.feature_index}\t{rate}\t{h.method}\t{h.label}")
+        matched = f"\t(matched an older label: {h.matched})" if h.matched else ""
+        click.echo(f"{h.ref}\t{h.feature_index}\t{rate}\t{h.method}\t{h.label}{matched}")
 
 
 @click.command("explain-prompt")
@@ -145,8 +150,9 @@ def search(query, model, hook, sae, min_rate, max_rate, limit):
 def explain_prompt(prompt, ref, top):
     """The top features of an SAE on each token of PROMPT, with their labels."""
     from saereg.analysis.search import explain_prompt as explain
+    from saereg.analysis.tokens import display_token
 
     for tf in explain(prompt, ref, top=top):
         feats = "  ".join(f"#{i} {v:.2f}" + (f" ({lab})" if lab else "")
                           for i, v, lab in tf.features)
-        click.echo(f"{tf.position:>4} {tf.token!r:<16} {feats}")
+        click.echo(f"{tf.position:>4} {display_token(tf.token):<16} {feats}")

@@ -1,5 +1,5 @@
-"""``saereg sae import`` and ``saereg sae convert``: foreign layouts in and out (mounted on the
-``sae`` group by saereg.commands.sae). Only click is imported at module level."""
+"""``saereg sae import`` and ``saereg sae convert``: foreign layouts in and out (attached to the
+``sae`` group by saereg.commands.main). Only click is imported at module level."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from saereg.commands.main import kv_pairs
+from saereg.commands.options import kv_pairs
 
 _FORMATS = ("auto", "saelens", "sparsify", "gemmascope", "dictionary_learning")
 
@@ -24,7 +24,7 @@ def sae_import(path: Path, name: str, fmt: str, model: str | None, hook: str | N
                tags: dict[str, str]) -> None:
     """Register an SAE saved by SAELens, sparsify, Gemma Scope (params.npz) or
     dictionary_learning (ae.pt + config.json), converted to this project's layout."""
-    from saereg.registry.sae.formats import import_sae
+    from saereg.registry.api import import_sae
 
     v = import_sae(path, name, fmt=fmt, model=model, hook=hook, tags=tags)
     click.echo(f"imported {path} as {v.ref} ({v.architecture}, d_in={v.d_in}, d_sae={v.d_sae})")
@@ -38,7 +38,7 @@ def sae_import(path: Path, name: str, fmt: str, model: str | None, hook: str | N
 @click.option("--force", is_flag=True, help="Replace DIRECTORY if it exists.")
 def sae_convert(ref: str, directory: Path, to: str, force: bool) -> None:
     """Write the SAE REF names (NAME@N, a folder, hf://...) to DIRECTORY in another layout."""
-    from saereg.registry.sae.formats import convert
+    from saereg.registry.api import convert_sae as convert
 
     out = convert(ref, directory, to=to, overwrite=force)
     click.echo(f"wrote {ref} as {to} to {out}")

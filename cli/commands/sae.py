@@ -1,4 +1,5 @@
-"""``saereg db ...``, ``saereg sae ...`` and ``saereg gc``.
+"""``saereg db ...``, ``saereg sae ...`` and ``saereg gc`` (``sae import`` and ``sae convert``
+live in :mod:`.formats`; :mod:`.main` attaches them to the ``sae`` group).
 
 Only click is imported at module level; the catalog (SQLAlchemy), MLflow and torch load when a
 command runs.
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import click
 
-from saereg.commands.main import kv_pairs
+from saereg.commands.options import kv_pairs
 from saereg.registry.errors import UsageError
 
 
@@ -309,13 +310,3 @@ def gc(dry_run: bool, min_age: float, no_mlflow: bool) -> None:
         click.echo(f"  MLflow {name}/{version}")
     if report.mlflow_error:
         click.secho(f"warning: {report.mlflow_error}", fg="yellow", err=True)
-
-
-def _mount_format_commands() -> None:
-    from saereg.commands.formats import sae_convert, sae_import
-
-    sae.add_command(sae_import)
-    sae.add_command(sae_convert)
-
-
-_mount_format_commands()

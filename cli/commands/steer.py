@@ -1,4 +1,4 @@
-"""`saereg preset` and `saereg steer` (mounted lazily by saereg.commands.main)."""
+"""`saereg preset` and `saereg steer`; the library is imported inside each command."""
 
 from __future__ import annotations
 

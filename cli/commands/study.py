@@ -1,4 +1,4 @@
-"""`saereg neighbors` and `saereg eval` (mounted lazily by saereg.commands.main)."""
+"""`saereg neighbors` and `saereg eval`; the library is imported inside each command."""
 
 from __future__ import annotations
 

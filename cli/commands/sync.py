@@ -49,6 +49,7 @@ def sync_push(ref: str, repo: str, path: str | None, private: bool, all_versions
 def sync_pull(spec: str, path: str | None, name: str | None) -> None:
     """Register the SAEs of a Hub repo into the local catalog, checksums verified."""
     from saereg.registry.hub import sync as hub
+    from saereg.registry.refs import format_hf_ref
 
     for p in hub.pull(spec, path=path, name=name):
         state = "registered as" if p.added else "already in the catalog as"
@@ -57,5 +58,5 @@ def sync_pull(spec: str, path: str | None, name: str | None) -> None:
             extra.append(f"{p.labels} labels")
         if p.stats_tokens is not None:
             extra.append(f"statistics over {p.stats_tokens:,} tokens")
-        click.echo(f"hf://{p.repo}/{p.path}@{p.commit[:12]}: {state} {p.ref}"
+        click.echo(f"{format_hf_ref(p.repo, p.path, p.commit[:12])}: {state} {p.ref}"
                    + (f" ({', '.join(extra)})" if extra else ""))

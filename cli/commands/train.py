@@ -1,7 +1,9 @@
 """``saereg models``, ``saereg train`` and ``saereg quickstart``.
 
-Only click is imported at module level; torch, transformers, Lightning and MLflow load when a
-command runs.
+The options of ``train`` come from :class:`saereg.training.config.SAETrainConfig` and
+:class:`saereg.training.config.TrainConfig` (see :data:`TRAIN_OPTIONS`). Only click and light
+saereg modules are imported at module level; torch, transformers, Lightning and MLflow load when
+a command runs.
 """
 
 from __future__ import annotations
@@ -10,6 +12,9 @@ import re
 from pathlib import Path
 
 import click
+
+from saereg.commands.options import Count, Opt, config_options, fields_of
+from saereg.training.config import SAETrainConfig, TrainConfig
 
 QUICKSTART = {
     "model": "smollm2-135m",
@@ -22,47 +27,23 @@ QUICKSTART = {
     "dead_tokens": 100_000,
 }
 
-
-def parse_count(value: str | int) -> int:
-    """'200k', '1.5M', '2e6', '4096' -> int."""
-    if isinstance(value, int):
-        return value
-    m = re.fullmatch(r"\s*(-?[0-9.]+(?:e[0-9]+)?)\s*([kKmMbB]?)\s*", str(value))
-    if not m:
-        raise ValueError(value)
-    mult = {"": 1, "k": 1e3, "m": 1e6, "b": 1e9}[m.group(2).lower()]
-    return int(float(m.group(1)) * mult)
-
-
-class Count(click.ParamType):
-    name = "count"
-
-    def __init__(self, minimum: int = 1):
-        self.minimum = minimum
-
-    def convert(self, value, param, ctx):
-        try:
-            n = parse_count(value)
-        except ValueError:
-            self.fail(f"{value!r} is not a count (examples: 4096, 200k, 1.5M)", param, ctx)
-        if n < self.minimum:
-            self.fail(f"{value} must be at least {self.minimum}", param, ctx)
-        return n
-
-
-def int_list(minimum: int = 1):
-    def convert(ctx, param, value):
-        if value is None:
-            return None
-        try:
-            items = [parse_count(v) for v in str(value).split(",") if v.strip()]
-        except ValueError:
-            raise click.BadParameter(f"{value!r} is not a comma-separated list of integers")
-        bad = [i for i in items if i < minimum]
-        if not items or bad:
-            raise click.BadParameter(f"every value must be at least {minimum}; got {value}")
-        return items
-    return convert
+TRAIN_OPTIONS = {
+    "model": None,  # the MODEL argument
+    "saes": None,  # built from the sweep options below
+    "hook": Opt(dest="hooks", multiple=True, default=()),
+    "architecture": Opt(flag="--arch", dest="archs", sweep=True),
+    "k": Opt(dest="ks", sweep=True),
+    "expansion": Opt(dest="expansions", sweep=True),
+    "tokens": Opt(count=True),
+    "batch_tokens": Opt(count=True),
+    "buffer_tokens": Opt(count=True),
+    "eval_tokens": Opt(count=True),
+    "dead_tokens": Opt(count=True),
+    "sparsity_warmup_tokens": Opt(count=True),
+    "k_anneal_tokens": Opt(count=True),
+    "from_cache": Opt(type=click.Path(file_okay=False)),
+}
+"""How ``train``'s options differ from the config fields they set."""
 
 
 @click.group()
@@ -95,79 +76,17 @@ def models_hooks(model: str, pattern: str | None, show_all: bool) -> None:
     Console().print(table)
 
 
-def train_options(f):
-    opts = [
-        click.option("--hook", "hooks", multiple=True, help="Hook point (module path); repeat for several."),
-        click.option("--arch", "archs", default="topk", show_default=True,
-                     help="Architectures, comma-separated: relu, topk, batchtopk, jumprelu, gated, matryoshka."),
-        click.option("--k", "ks", default="32", show_default=True, callback=int_list(),
-                     help="Active latents; comma-separated values train one SAE each."),
-        click.option("--expansion", "expansions", default="8", show_default=True, callback=int_list(),
-                     help="d_sae / d_in; comma-separated values train one SAE each."),
-        click.option("--d-sae", type=click.IntRange(min=1), default=None, help="Latents (overrides --expansion)."),
-        click.option("--tokens", type=Count(), default="1M", show_default=True, help="Training tokens."),
-        click.option("--dataset", default=None, help="Hub dataset or local txt/jsonl/parquet path (default: offline corpus)."),
-        click.option("--text-column", default=None, help="Column holding the text."),
-        click.option("--context-size", type=click.IntRange(min=2), default=128, show_default=True),
-        click.option("--batch-tokens", type=Count(), default="4096", show_default=True, help="Activations per step."),
-        click.option("--lm-batch-size", type=click.IntRange(min=1), default=8, show_default=True,
-                     help="Context windows per model forward."),
-        click.option("--buffer-tokens", type=Count(), default="64k", show_default=True, help="Shuffling buffer size."),
-        click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
-                     help="Learning rate (default 2e-4 / sqrt(d_sae / 16384))."),
-        click.option("--sparsity-coefficient", type=click.FloatRange(min=0), default=None,
-                     help="L1 (relu, gated) or L0 (jumprelu) coefficient."),
-        click.option("--sparsity-warmup-tokens", type=Count(minimum=0), default="0"),
-        click.option("--k-start", type=click.IntRange(min=1), default=None, help="Anneal k from this value."),
-        click.option("--k-anneal-tokens", type=Count(minimum=0), default="0"),
-        click.option("--dead-tokens", type=Count(), default="1M", show_default=True,
-                     help="Tokens without firing after which a latent counts as dead."),
-        click.option("--aux-k-alpha", type=click.FloatRange(min=0), default=1 / 32, show_default=True),
-        click.option("--ghost-grads", is_flag=True, help="Ghost grads for dead latents (relu)."),
-        click.option("--eval-tokens", type=Count(minimum=0), default="8192", show_default=True),
-        click.option("--log-every", type=click.IntRange(min=1), default=10, show_default=True),
-        click.option("--checkpoint-every", type=click.IntRange(min=1), default=100, show_default=True),
-        click.option("--device", default="auto", show_default=True),
-        click.option("--devices", type=click.IntRange(min=1), default=1, show_default=True,
-                     help="Processes per node, one device each; more than one trains data-parallel."),
-        click.option("--strategy", default="auto", show_default=True,
-                     help="auto or ddp (one process per device; --batch-tokens and --tokens are "
-                          "totals over all processes)."),
-        click.option("--num-nodes", type=click.IntRange(min=1), default=1, show_default=True,
-                     help="Machines running the same command (Lightning's launcher: MASTER_ADDR, "
-                          "NODE_RANK, ... or torchrun)."),
-        click.option("--dtype", default="float32", show_default=True, help="Model dtype."),
-        click.option("--compile", "compile_", is_flag=True,
-                     help="torch.compile the loss of relu, jumprelu and gated SAEs."),
-        click.option("--precision", default="32", show_default=True,
-                     help="SAE training precision: 32 or bf16-mixed (encoder product and top-k "
-                          "in bfloat16, float32 weights and optimizer)."),
-        click.option("--seed", type=int, default=0, show_default=True),
-        click.option("--experiment", default="sae-registry", show_default=True, help="MLflow experiment."),
-        click.option("--run-name", default=None),
-        click.option("--no-progress", is_flag=True, help="No progress bar."),
-        click.option("--register", "register", default=None, metavar="NAME",
-                     help="Register the trained SAE as the next version of NAME in the catalog "
-                          "(several SAEs: NAME-<sae id> each)."),
-    ]
-    for opt in reversed(opts):
-        f = opt(f)
-    return f
-
-
 @click.command()
 @click.argument("model", required=False)
-@train_options
+@config_options(SAETrainConfig, TrainConfig, table=TRAIN_OPTIONS)
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@click.option("--register", "register", default=None, metavar="NAME",
+              help="Register the trained SAE as the next version of NAME in the catalog "
+                   "(several SAEs: NAME-<sae id> each).")
 @click.option("--resume", "resume", default=None,
               help="Continue a stopped job (its folder or job id) from its last checkpoint.")
-@click.option("--from-cache", "from_cache", default=None, type=click.Path(file_okay=False),
-              help="Train from an activation cache (saereg cache) instead of running MODEL.")
-def train(model, hooks, archs, ks, expansions, d_sae, tokens, dataset, text_column, context_size,
-          batch_tokens, lm_batch_size, buffer_tokens, lr, sparsity_coefficient,
-          sparsity_warmup_tokens, k_start, k_anneal_tokens, dead_tokens, aux_k_alpha,
-          ghost_grads, eval_tokens, log_every, checkpoint_every, device, devices, strategy,
-          num_nodes, dtype, compile_, precision, seed, experiment, run_name, no_progress,
-          register, resume, from_cache) -> None:
+def train(model: str | None, no_progress: bool, register: str | None, resume: str | None,
+          **options) -> None:
     """Train SAEs on MODEL's activations at one or more hook points, from one model pass.
 
     Every combination of --hook, --arch, --k and --expansion trains its own SAE with its own
@@ -175,15 +94,17 @@ def train(model, hooks, archs, ks, expansions, d_sae, tokens, dataset, text_colu
 
         saereg train smollm2-135m --hook model.layers.6 --hook model.layers.12 --k 32 --tokens 2M
     """
+    from saereg.training.config import sweep
     from saereg.training.job import run_training
 
     if resume:
         _finish(run_training(resume=_job_dir(resume), progress=not no_progress), register)
         return
-    if from_cache:
+    hooks = options.pop("hooks")
+    if options["from_cache"]:
         from saereg.training.cache import read_manifest
 
-        manifest = read_manifest(from_cache)
+        manifest = read_manifest(options["from_cache"])
         if model and model != manifest["model"]:
             raise click.UsageError(f"the cache holds activations of {manifest['model']}, "
                                    f"not {model}")
@@ -192,23 +113,11 @@ def train(model, hooks, archs, ks, expansions, d_sae, tokens, dataset, text_colu
     if not model:
         raise click.UsageError("MODEL is required (or --resume JOB, or --from-cache PATH)")
     if not hooks:
-        raise click.UsageError("at least one --hook is required; list them with: saereg models hooks MODEL")
-    from saereg.training.config import TrainConfig, sweep
-
-    arch_list = [a.strip() for a in archs.split(",") if a.strip()]
-    saes = sweep(list(hooks), arch_list, ks, expansions, d_sae=d_sae, lr=lr,
-                 sparsity_coefficient=sparsity_coefficient,
-                 sparsity_warmup_tokens=sparsity_warmup_tokens, k_start=k_start,
-                 k_anneal_tokens=k_anneal_tokens, dead_tokens=dead_tokens,
-                 aux_k_alpha=aux_k_alpha, ghost_grads=ghost_grads, seed=seed)
-    cfg = TrainConfig(model=model, saes=saes, dataset=dataset, text_column=text_column,
-                      context_size=context_size, tokens=tokens, batch_tokens=batch_tokens,
-                      lm_batch_size=lm_batch_size, buffer_tokens=buffer_tokens,
-                      eval_tokens=eval_tokens, log_every=log_every,
-                      checkpoint_every=checkpoint_every, device=device, devices=devices,
-                      strategy=strategy, num_nodes=num_nodes, dtype=dtype,
-                      compile=compile_, precision=precision, seed=seed,
-                      experiment=experiment, run_name=run_name, from_cache=from_cache)
+        raise click.UsageError("at least one --hook is required; list them with: "
+                               "saereg models hooks MODEL")
+    saes = sweep(list(hooks), options.pop("archs"), options.pop("ks"), options.pop("expansions"),
+                 **fields_of(SAETrainConfig, options))
+    cfg = TrainConfig(model=model, saes=saes, **fields_of(TrainConfig, options))
     _finish(run_training(cfg, progress=not no_progress), register)
 
 

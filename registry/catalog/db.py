@@ -160,7 +160,7 @@ def ensure_schema(engine: Engine) -> None:
     from saereg.registry.catalog import migrate
 
     head = migrate.head_revision()
-    current = _current(engine)
+    current = migrate.current_revision(engine)
     if current == head:
         return
     if current is not None and current not in migrate.known_revisions():
@@ -170,20 +170,13 @@ def ensure_schema(engine: Engine) -> None:
             "sae-registry")
     if engine.dialect.name == "sqlite":
         with _file_lock(engine.url.database):
-            if _current(engine) != head:
+            if migrate.current_revision(engine) != head:
                 migrate.upgrade_engine(engine, "head")
         return
     state = "is empty" if current is None else f"is at revision {current}"
     raise CatalogNotMigratedError(
         f"catalog {safe_url(str(engine.url))} {state}; this version needs revision {head}. "
         "Run `saereg db upgrade` (with the same SAEREG_DATABASE_URL) to migrate it")
-
-
-def _current(engine: Engine) -> str | None:
-    from alembic.runtime.migration import MigrationContext
-
-    with engine.connect() as conn:
-        return MigrationContext.configure(conn).get_current_revision()
 
 
 def _ensure_wal(cur, database: str | None) -> None:  # noqa: ANN001 - a sqlite3 cursor

@@ -54,6 +54,7 @@ def _script() -> ScriptDirectory:
 
 
 def head_revision() -> str:
+    """The newest revision of the migration scripts (the one this version of the code needs)."""
     return _script().get_current_head()
 
 
@@ -77,6 +78,7 @@ def downgrade_engine(engine: Engine, revision: str = "-1") -> None:
 
 
 def current_revision(engine: Engine) -> str | None:
+    """The revision the database at ``engine`` is at (None for an empty database)."""
     from alembic.runtime.migration import MigrationContext
 
     with engine.connect() as conn:
@@ -85,9 +87,8 @@ def current_revision(engine: Engine) -> str | None:
 
 def history(current: str | None = None) -> list[Revision]:
     """Every revision, oldest first."""
-    script = _script()
-    head = script.get_current_head()
+    head = head_revision()
     out = [Revision(s.revision, s.down_revision, " ".join((s.doc or "").split("\n\n")[0].split()),
                     s.revision == head, s.revision == current)
-           for s in script.walk_revisions()]
+           for s in _script().walk_revisions()]
     return list(reversed(out))

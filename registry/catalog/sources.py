@@ -14,13 +14,13 @@ from pathlib import Path
 from typing import Any
 
 from saereg.registry.errors import NotFoundError, SAEFormatError, SaeRegError, UsageError, redact
+from saereg.registry.sae.architectures import ARCHITECTURE_ALIASES
+from saereg.registry.sae.checks import check_shapes, read_json_object
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
 SPARSITY_FILE = "sparsity.safetensors"
 SAE_FILES = (CFG_FILE, WEIGHTS_FILE, SPARSITY_FILE)
-ARCHITECTURES = {"standard": "relu", "relu": "relu", "topk": "topk", "batchtopk": "batchtopk",
-                 "jumprelu": "jumprelu", "gated": "gated", "matryoshka": "matryoshka"}
 RUN_ARTIFACT = "sae"
 MAX_HEADER = 100 << 20
 
@@ -88,17 +88,6 @@ def read_log10_rates(path: Path, d_sae: int) -> list[float]:
     return [float(v) for v in values.astype(np.float64)]
 
 
-def _expected_shapes(arch: str, d_in: int, d_sae: int) -> dict[str, tuple[tuple[int, ...], ...]]:
-    shapes = {"W_enc": ((d_in, d_sae),), "W_dec": ((d_sae, d_in),), "b_dec": ((d_in,),)}
-    if arch != "gated":
-        shapes["b_enc"] = ((d_sae,),)
-    if arch == "jumprelu":
-        shapes["threshold"] = ((d_sae,), ())
-    if arch == "gated":
-        shapes.update(b_gate=((d_sae,),), b_mag=((d_sae,),), r_mag=((d_sae,),))
-    return shapes
-
-
 def read_folder(folder: str | Path, *, model: str | None = None, hook: str | None = None,
                 run_tags: dict[str, str] | None = None) -> Source:
     """Check an SAE folder and describe it (nothing is written)."""
@@ -108,21 +97,17 @@ def read_folder(folder: str | Path, *, model: str | None = None, hook: str | Non
     cfg_path = folder / CFG_FILE
     if not cfg_path.is_file():
         raise SAEFormatError(f"{folder} is not an SAE folder: {CFG_FILE} is missing")
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except (OSError, ValueError) as e:
-        raise SAEFormatError(f"cannot read {cfg_path}: {e}") from e
-    if not isinstance(cfg, dict):
-        raise SAEFormatError(f"{cfg_path} is not a JSON object")
+    cfg = read_json_object(cfg_path)
     meta = cfg.get("metadata") if isinstance(cfg.get("metadata"), dict) else {}
     d_in, d_sae = cfg.get("d_in"), cfg.get("d_sae")
     for key, value in (("d_in", d_in), ("d_sae", d_sae)):
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise SAEFormatError(f"{cfg_path}: {key} must be a positive integer; got {value!r}")
     file_arch = cfg.get("architecture", "standard")
-    if file_arch not in ARCHITECTURES:
+    if file_arch not in ARCHITECTURE_ALIASES:
         raise SAEFormatError(f"{cfg_path}: unsupported architecture {file_arch!r}")
-    arch = ARCHITECTURES.get(meta.get("training_architecture") or "", ARCHITECTURES[file_arch])
+    arch = ARCHITECTURE_ALIASES.get(meta.get("training_architecture") or "",
+                                    ARCHITECTURE_ALIASES[file_arch])
     if file_arch == "topk":
         k = cfg.get("k")
         if not isinstance(k, int) or not 0 < k < d_sae:
@@ -132,14 +117,11 @@ def read_folder(folder: str | Path, *, model: str | None = None, hook: str | Non
     if not weights.is_file():
         raise SAEFormatError(f"{folder} lacks {WEIGHTS_FILE}")
     header = safetensors_header(weights)
-    for tensor, allowed in _expected_shapes(file_arch, d_in, d_sae).items():
-        if tensor not in header:
-            raise SAEFormatError(f"{weights} lacks tensor {tensor} (architecture {file_arch})")
-        shape = tuple(int(s) for s in header[tensor]["shape"])
-        if shape not in allowed:
-            raise SAEFormatError(
-                f"{folder}: {CFG_FILE} says d_in={d_in}, d_sae={d_sae} but {tensor} has shape "
-                f"{shape} (expected {allowed[0]}); refusing to register it")
+    try:
+        check_shapes(file_arch, d_in, d_sae,
+                     {name: t.get("shape", ()) for name, t in header.items()}, weights)
+    except SAEFormatError as e:
+        raise SAEFormatError(f"{e}; refusing to register it") from None
     rates = None
     files = [CFG_FILE, WEIGHTS_FILE]
     if (folder / SPARSITY_FILE).is_file():

@@ -3,14 +3,20 @@
 Every change to the catalog that has an MLflow counterpart runs in this order: open the
 database transaction (SQLite: ``BEGIN IMMEDIATE``; PostgreSQL: ``SELECT ... FOR UPDATE`` on the
 SAE row), make the MLflow change, write the rows, commit. An MLflow failure rolls the
-transaction back; a database failure after the MLflow change undoes the MLflow change. Whole
-attempts are retried when the database reports a lock timeout, a serialization failure or a
-deadlock.
+transaction back; a database failure after the MLflow change (the commit included) undoes the
+MLflow change. Every write goes through :meth:`Catalog._write`, which runs one such
+transaction (:func:`saereg.registry.catalog.rows.mirrored`) and retries the whole attempt when
+the database reports a lock timeout, a serialization failure or a deadlock.
 
 A registration stores the files first (content-addressed, see :mod:`saereg.registry.catalog.store`); a
 process that dies before the commit leaves only blobs that no version references, which
 ``saereg gc`` removes. Version numbers are allocated inside the locked transaction (max + 1,
-with ``UNIQUE(sae_id, number)`` behind it), so they are distinct and gapless.
+with ``UNIQUE(sae_id, number)`` behind it), so they are distinct and gapless. What hangs from a
+new version (its features, labels and statistics, and for a Hub pull its publication record)
+is written in the version's own transaction: it lands with the version or not at all.
+
+This class is the only writer of catalog rows; other modules (Hub sync among them) call its
+public methods.
 """
 
 from __future__ import annotations
@@ -20,16 +26,18 @@ import tempfile
 import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import TypeVar
 
 from sqlalchemy import func, insert, select
 from sqlalchemy.orm import Session
 
 from saereg.registry.catalog import db
+from saereg.registry.catalog import inflight
 from saereg.registry.catalog import queries
 from saereg.registry.catalog.mlflow_mirror import MlflowMirror
-from saereg.registry.catalog.rows import (current_user, insert_features, insert_ignore, key_metrics,
-                                          restore_tags)
-from saereg.registry.catalog.rows import undo as undo_mirror
+from saereg.registry.catalog.rows import (MirrorChanges, PublicationRecord, add_publication,
+                                          current_user, find_publication, insert_features,
+                                          insert_ignore, key_metrics, mirrored, restore_tags)
 from saereg.registry.catalog.schema import (Alias, AliasEvent, CatalogMeta, LanguageModel,
                                             SAERecord, SAEVersion, VersionFile, VersionNote,
                                             VersionTag, utcnow)
@@ -40,6 +48,7 @@ from saereg.registry.refs import (Ref, format_ref, parse_ref, validate_alias, va
                                   validate_tag_key)
 
 BINDING = ("model", "hook", "architecture", "d_in", "d_sae")
+T = TypeVar("T")
 
 
 class Catalog:
@@ -63,6 +72,17 @@ class Catalog:
     def catalog_id(self) -> str:
         with self.session() as s:
             return s.get(CatalogMeta, "catalog_id").value
+
+    def _write(self, what: str, change: Callable[[Session, MirrorChanges], T]) -> T:
+        """Run ``change(session, mlflow)`` as one write transaction, retried whole while the
+        database is busy. ``change`` locks and reads, makes its MLflow changes through
+        ``mlflow.apply(change, undo)``, then writes rows; if the transaction does not commit,
+        those MLflow changes are undone."""
+        def attempt() -> T:
+            with mirrored(self.session(write=True)) as (s, mlflow):
+                return change(s, mlflow)
+
+        return db.retrying(attempt, what=what)
 
     # -- reading ------------------------------------------------------------------------------
     def get(self, ref: str | Ref) -> queries.VersionInfo:
@@ -110,6 +130,18 @@ class Catalog:
         src.metrics.update({k: float(v) for k, v in (metrics or {}).items()})
         return self._register(src, name, tags=tags, note=note, parent=parent)
 
+    def register_source(self, src: Source, name: str, *, tags: Mapping[str, str] | None = None,
+                        note: str | None = None, parent: str | None = None,
+                        extra: Callable[[Session, int], None] | None = None,
+                        publication: PublicationRecord | None = None) -> queries.VersionInfo:
+        """Register a source already read (:mod:`saereg.registry.catalog.sources`), as Hub pull
+        does. ``extra(session, version_id)`` writes rows that hang from the new version
+        (features, labels, statistics) and ``publication`` is recorded for it; both land in the
+        version's own transaction, so the version is never there without them."""
+        self._precheck(name, tags, parent)
+        return self._register(src, name, tags=tags, note=note, parent=parent, extra=extra,
+                              publication=publication)
+
     def _link_run(self, src: Source, run_id: str) -> None:
         from mlflow.exceptions import MlflowException
 
@@ -147,11 +179,13 @@ class Catalog:
                                    f"{fmt(want)}. Register it under another name")
         return sae
 
+    @inflight.registration  # from the first stored file to the commit, gc keeps off
     def _register(self, src: Source, name: str, *, tags: Mapping[str, str] | None,
                   note: str | None, parent: str | None,
-                  extra: Callable[[Session, int], None] | None = None) -> queries.VersionInfo:
-        """Store the files, then record the version (and ``extra(session, version_id)``, rows
-        that hang from it) in one transaction, mirrored to MLflow."""
+                  extra: Callable[[Session, int], None] | None = None,
+                  publication: PublicationRecord | None = None) -> queries.VersionInfo:
+        """Store the files, then record the version (with ``extra(session, version_id)``, rows
+        that hang from it, and ``publication``) in one transaction, mirrored to MLflow."""
         tags = {str(k): str(v) for k, v in (tags or {}).items()}
         with self.session() as s:
             self._check_binding(s, name, src)
@@ -162,59 +196,56 @@ class Catalog:
         mlflow_source = src.uri if tree is None else store.tree_url(tree)
         user, rates = current_user(), src.log10_rates
 
-        def attempt() -> int:
-            made: tuple[str, bool] | None = None
+        def attempt(s: Session, mlflow: MirrorChanges) -> int:
             uid = uuid.uuid4().hex  # per attempt: an MLflow version left by one is told apart
-            try:
-                with self.session(write=True) as s:
-                    insert_ignore(s, LanguageModel.__table__,
-                                  {"name": src.model, "created_at": utcnow()}, "name")
-                    model_id = s.scalar(select(LanguageModel.id)
-                                        .where(LanguageModel.name == src.model))
-                    insert_ignore(s, SAERecord.__table__, {
-                        "name": name, "model_id": model_id, "hook": src.hook,
-                        "architecture": src.architecture, "d_in": src.d_in, "d_sae": src.d_sae,
-                        "created_at": utcnow(), "created_by": user}, "name")
-                    sae = queries.find_sae(s, name, lock=True)
-                    self._check_binding(s, name, src)
-                    number = (s.scalar(select(func.max(SAEVersion.number))
-                                       .where(SAEVersion.sae_id == sae.id)) or 0) + 1
-                    catalog_id = s.get(CatalogMeta, "catalog_id").value
-                    made = self.mirror.create_version(
-                        name, mlflow_source, src.run_id, description=note or "",
-                        tags={**tags, "saereg.catalog": catalog_id, "saereg.uid": uid,
-                              "saereg.version": str(number), "model": src.model,
-                              "hook": src.hook, "architecture": src.architecture})
-                    version = SAEVersion(
-                        sae_id=sae.id, number=number, uid=uid, status="ready", config=src.cfg,
-                        params=src.params, metrics=src.metrics, **key_metrics(src.metrics),
-                        artifact_uri=store.url, store_tree=tree, source_kind=src.kind,
-                        source_uri=src.uri, mlflow_run_id=src.run_id,
-                        mlflow_model_version=made[0], dataset=src.dataset,
-                        training_tokens=src.training_tokens, context_size=src.context_size,
-                        parent_id=parent_id, created_at=utcnow(), created_by=user)
-                    s.add(version)
-                    s.flush()
-                    vid = version.id
-                    s.execute(insert(VersionFile.__table__), [
-                        {"version_id": vid, "name": f.name, "sha256": f.sha256, "size": f.size}
-                        for f in stored])
-                    insert_features(s, vid, src.d_sae, rates)
-                    if extra is not None:
-                        extra(s, vid)
-                    if tags:
-                        s.execute(insert(VersionTag.__table__), [
-                            {"version_id": vid, "key": k, "value": v} for k, v in tags.items()])
-                    if note:
-                        s.add(VersionNote(version_id=vid, text=note, created_at=utcnow(),
-                                          created_by=user))
-                return number
-            except BaseException:
-                if made is not None:
-                    self.mirror.delete_version(name, made[0], drop_model=made[1])
-                raise
+            insert_ignore(s, LanguageModel.__table__,
+                          {"name": src.model, "created_at": utcnow()}, "name")
+            model_id = s.scalar(select(LanguageModel.id)
+                                .where(LanguageModel.name == src.model))
+            insert_ignore(s, SAERecord.__table__, {
+                "name": name, "model_id": model_id, "hook": src.hook,
+                "architecture": src.architecture, "d_in": src.d_in, "d_sae": src.d_sae,
+                "created_at": utcnow(), "created_by": user}, "name")
+            sae = queries.find_sae(s, name, lock=True)
+            self._check_binding(s, name, src)
+            number = (s.scalar(select(func.max(SAEVersion.number))
+                               .where(SAEVersion.sae_id == sae.id)) or 0) + 1
+            catalog_id = s.get(CatalogMeta, "catalog_id").value
+            made = mlflow.apply(
+                lambda: self.mirror.create_version(
+                    name, mlflow_source, src.run_id, description=note or "",
+                    tags={**tags, "saereg.catalog": catalog_id, "saereg.uid": uid,
+                          "saereg.version": str(number), "model": src.model,
+                          "hook": src.hook, "architecture": src.architecture}),
+                undo=lambda mv: self.mirror.delete_version(name, mv[0], drop_model=mv[1]))
+            version = SAEVersion(
+                sae_id=sae.id, number=number, uid=uid, status="ready", config=src.cfg,
+                params=src.params, metrics=src.metrics, **key_metrics(src.metrics),
+                artifact_uri=store.url, store_tree=tree, source_kind=src.kind,
+                source_uri=src.uri, mlflow_run_id=src.run_id,
+                mlflow_model_version=made[0], dataset=src.dataset,
+                training_tokens=src.training_tokens, context_size=src.context_size,
+                parent_id=parent_id, created_at=utcnow(), created_by=user)
+            s.add(version)
+            s.flush()
+            vid = version.id
+            s.execute(insert(VersionFile.__table__), [
+                {"version_id": vid, "name": f.name, "sha256": f.sha256, "size": f.size}
+                for f in stored])
+            insert_features(s, vid, src.d_sae, rates)
+            if extra is not None:
+                extra(s, vid)
+            if tags:
+                s.execute(insert(VersionTag.__table__), [
+                    {"version_id": vid, "key": k, "value": v} for k, v in tags.items()])
+            if note:
+                s.add(VersionNote(version_id=vid, text=note, created_at=utcnow(),
+                                  created_by=user))
+            if publication is not None:
+                add_publication(s, vid, publication)
+            return number
 
-        number = db.retrying(attempt, what=f"registering {name}")
+        number = self._write(f"registering {name}", attempt)
         return self.get(format_ref(name, number))
 
     # -- aliases, deprecation, tags, notes ----------------------------------------------------
@@ -223,95 +254,77 @@ class Catalog:
         validate_alias(alias)
         ref = parse_ref(f"{name}@{target}")
 
-        def attempt() -> int:
-            undo = None
-            try:
-                with self.session(write=True) as s:
-                    version = queries.find_version(s, ref, lock_sae=True)
-                    if version.status != "ready":
-                        raise UsageError(f"{format_ref(name, version.number)} is deprecated "
-                                         f"({version.deprecation_reason}); aliases point at "
-                                         "ready versions only")
-                    row = s.get(Alias, (version.sae_id, alias))
-                    if row is not None and row.version_id == version.id:
-                        return version.number
-                    prev = s.get(SAEVersion, row.version_id) if row is not None else None
-                    self.mirror.set_alias(name, alias, version.mlflow_model_version)
-                    undo = (functools.partial(self.mirror.set_alias, name, alias,
-                                              prev.mlflow_model_version) if prev is not None
-                            else functools.partial(self.mirror.delete_alias, name, alias))
-                    user = current_user()
-                    if row is None:
-                        s.add(Alias(sae_id=version.sae_id, name=alias, version_id=version.id,
-                                    updated_at=utcnow(), updated_by=user))
-                    else:
-                        row.version_id, row.updated_at, row.updated_by = version.id, utcnow(), user
-                    s.add(AliasEvent(sae_id=version.sae_id, alias=alias, action="set",
-                                     version_id=version.id,
-                                     previous_version_id=prev.id if prev is not None else None,
-                                     created_at=utcnow(), created_by=user))
+        def attempt(s: Session, mlflow: MirrorChanges) -> int:
+            version = queries.find_version(s, ref, lock_sae=True)
+            if version.status != "ready":
+                raise UsageError(f"{format_ref(name, version.number)} is deprecated "
+                                 f"({version.deprecation_reason}); aliases point at ready "
+                                 "versions only")
+            row = s.get(Alias, (version.sae_id, alias))
+            if row is not None and row.version_id == version.id:
                 return version.number
-            except BaseException:
-                undo_mirror(undo)
-                raise
+            prev = s.get(SAEVersion, row.version_id) if row is not None else None
+            back = (functools.partial(self.mirror.set_alias, name, alias,
+                                      prev.mlflow_model_version) if prev is not None
+                    else functools.partial(self.mirror.delete_alias, name, alias))
+            mlflow.apply(lambda: self.mirror.set_alias(name, alias, version.mlflow_model_version),
+                         undo=lambda _: back())
+            user = current_user()
+            if row is None:
+                s.add(Alias(sae_id=version.sae_id, name=alias, version_id=version.id,
+                            updated_at=utcnow(), updated_by=user))
+            else:
+                row.version_id, row.updated_at, row.updated_by = version.id, utcnow(), user
+            s.add(AliasEvent(sae_id=version.sae_id, alias=alias, action="set",
+                             version_id=version.id,
+                             previous_version_id=prev.id if prev is not None else None,
+                             created_at=utcnow(), created_by=user))
+            return version.number
 
-        number = db.retrying(attempt, what=f"setting alias {alias} of {name}")
+        number = self._write(f"setting alias {alias} of {name}", attempt)
         return self.get(format_ref(name, number))
 
     def unset_alias(self, name: str, alias: str) -> int:
         """Remove ``alias``; returns the version it pointed at."""
-        def attempt() -> int:
-            undo = None
-            try:
-                with self.session(write=True) as s:
-                    sae = queries.find_sae(s, name, lock=True)
-                    row = s.get(Alias, (sae.id, alias))
-                    if row is None:  # raises the error that lists versions and aliases
-                        queries.find_version(s, Ref("catalog", name=name, alias=alias,
-                                                    text=f"{name}@{alias}"))
-                    version = s.get(SAEVersion, row.version_id)
-                    self.mirror.delete_alias(name, alias)
-                    undo = functools.partial(self.mirror.set_alias, name, alias,
-                                             version.mlflow_model_version)
-                    s.delete(row)
-                    s.add(AliasEvent(sae_id=sae.id, alias=alias, action="unset",
-                                     previous_version_id=version.id, created_at=utcnow(),
-                                     created_by=current_user()))
-                return version.number
-            except BaseException:
-                undo_mirror(undo)
-                raise
+        def attempt(s: Session, mlflow: MirrorChanges) -> int:
+            sae = queries.find_sae(s, name, lock=True)
+            row = s.get(Alias, (sae.id, alias))
+            if row is None:  # raises the error that lists versions and aliases
+                queries.find_version(s, Ref("catalog", name=name, alias=alias,
+                                            text=f"{name}@{alias}"))
+            version = s.get(SAEVersion, row.version_id)
+            mv = version.mlflow_model_version  # a plain value: the undo runs after the rollback
+            mlflow.apply(lambda: self.mirror.delete_alias(name, alias),
+                         undo=lambda _: self.mirror.set_alias(name, alias, mv))
+            s.delete(row)
+            s.add(AliasEvent(sae_id=sae.id, alias=alias, action="unset",
+                             previous_version_id=version.id, created_at=utcnow(),
+                             created_by=current_user()))
+            return version.number
 
-        return db.retrying(attempt, what=f"removing alias {alias} of {name}")
+        return self._write(f"removing alias {alias} of {name}", attempt)
 
     def deprecate(self, ref: str, reason: str) -> queries.VersionInfo:
         """Mark a version deprecated (it stays loadable, with a warning). Versions are never
         deleted: others may have pulled them."""
         if not reason or not reason.strip():
             raise UsageError("deprecating needs a reason (what to use instead, what is wrong)")
+        keys = ["saereg.status", "saereg.deprecation_reason"]
 
-        def attempt() -> tuple[str, int]:
-            undo = None
-            try:
-                with self.session(write=True) as s:
-                    version = queries.find_version(s, ref, lock_sae=True)
-                    name = version.sae.name
-                    if version.status == "deprecated":
-                        raise UsageError(f"{format_ref(name, version.number)} is already "
-                                         f"deprecated ({version.deprecation_reason})")
-                    self.mirror.set_version_tags(name, version.mlflow_model_version, {
-                        "saereg.status": "deprecated", "saereg.deprecation_reason": reason})
-                    undo = functools.partial(self.mirror.delete_version_tags, name,
-                                             version.mlflow_model_version,
-                                             ["saereg.status", "saereg.deprecation_reason"])
-                    version.status, version.deprecation_reason = "deprecated", reason.strip()
-                    version.deprecated_at, version.deprecated_by = utcnow(), current_user()
-                return name, version.number
-            except BaseException:
-                undo_mirror(undo)
-                raise
+        def attempt(s: Session, mlflow: MirrorChanges) -> tuple[str, int]:
+            version = queries.find_version(s, ref, lock_sae=True)
+            name, mv = version.sae.name, version.mlflow_model_version
+            if version.status == "deprecated":
+                raise UsageError(f"{format_ref(name, version.number)} is already deprecated "
+                                 f"({version.deprecation_reason})")
+            mlflow.apply(lambda: self.mirror.set_version_tags(name, mv, {
+                             "saereg.status": "deprecated", "saereg.deprecation_reason": reason}),
+                         undo=lambda _: self.mirror.delete_version_tags(name, mv, keys))
+            version.status, version.deprecation_reason = "deprecated", reason.strip()
+            version.deprecated_at, version.deprecated_by = utcnow(), current_user()
+            return name, version.number
 
-        name, number = db.retrying(attempt, what=f"deprecating {ref}")
+        name, number = self._write(f"deprecating {ref}", attempt)
         return self.get(format_ref(name, number))
 
     def tag(self, ref: str, tags: Mapping[str, str]) -> queries.VersionInfo:
@@ -319,28 +332,21 @@ class Catalog:
         for key in tags:
             validate_tag_key(key)
 
-        def attempt() -> tuple[str, int]:
-            undo = None
-            try:
-                with self.session(write=True) as s:
-                    version = queries.find_version(s, ref, lock_sae=True)
-                    name = version.sae.name
-                    self.mirror.set_version_tags(name, version.mlflow_model_version, dict(tags))
-                    old = {t.key: t.value for t in version.tags}
-                    undo = functools.partial(restore_tags, self.mirror, name,
-                                             version.mlflow_model_version, old, list(tags))
-                    for key, value in tags.items():
-                        row = s.get(VersionTag, (version.id, key))
-                        if row is None:
-                            s.add(VersionTag(version_id=version.id, key=key, value=str(value)))
-                        else:
-                            row.value = str(value)
-                return name, version.number
-            except BaseException:
-                undo_mirror(undo)
-                raise
+        def attempt(s: Session, mlflow: MirrorChanges) -> tuple[str, int]:
+            version = queries.find_version(s, ref, lock_sae=True)
+            name, mv = version.sae.name, version.mlflow_model_version
+            old = {t.key: t.value for t in version.tags}
+            mlflow.apply(lambda: self.mirror.set_version_tags(name, mv, dict(tags)),
+                         undo=lambda _: restore_tags(self.mirror, name, mv, old, list(tags)))
+            for key, value in tags.items():
+                row = s.get(VersionTag, (version.id, key))
+                if row is None:
+                    s.add(VersionTag(version_id=version.id, key=key, value=str(value)))
+                else:
+                    row.value = str(value)
+            return name, version.number
 
-        name, number = db.retrying(attempt, what=f"tagging {ref}")
+        name, number = self._write(f"tagging {ref}", attempt)
         return self.get(format_ref(name, number))
 
     def add_note(self, ref: str, text: str) -> queries.VersionInfo:
@@ -348,12 +354,31 @@ class Catalog:
         if not text.strip():
             raise UsageError("empty note")
 
-        def attempt() -> tuple[str, int]:
-            with self.session(write=True) as s:
-                version = queries.find_version(s, ref)
-                s.add(VersionNote(version_id=version.id, text=text, created_at=utcnow(),
-                                  created_by=current_user()))
-                return version.sae.name, version.number
+        def attempt(s: Session, _mlflow: MirrorChanges) -> tuple[str, int]:
+            version = queries.find_version(s, ref)
+            s.add(VersionNote(version_id=version.id, text=text, created_at=utcnow(),
+                              created_by=current_user()))
+            return version.sae.name, version.number
 
-        name, number = db.retrying(attempt, what=f"adding a note to {ref}")
+        name, number = self._write(f"adding a note to {ref}", attempt)
         return self.get(format_ref(name, number))
+
+    # -- publications -------------------------------------------------------------------------
+    def find_publication(self, ref: str, direction: str, repo: str,
+                         path: str) -> PublicationRecord | None:
+        """The recorded push (or pull) of version ``ref`` to (from) Hub repo ``repo`` at folder
+        ``path``, if any."""
+        with self.session() as s:
+            version = queries.find_version(s, ref)
+            return find_publication(s, version.id, direction, repo, path)
+
+    def record_publication(self, ref: str, publication: PublicationRecord) -> bool:
+        """Record that version ``ref`` was pushed to (or pulled from) a Hub repo; a record of
+        the same version, direction, repo and path already there is kept as it is. Returns
+        whether it was recorded now. A push calls this once the Hub commit and tag exist."""
+        def attempt(s: Session, _mlflow: MirrorChanges) -> bool:
+            version = queries.find_version(s, ref)
+            return add_publication(s, version.id, publication)
+
+        return self._write(f"recording the {publication.direction} of {ref} "
+                           f"({publication.repo})", attempt)

@@ -14,6 +14,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+from saereg.registry.refs import format_hf_ref
+
 REGISTRY_FILE = "registry.json"
 FEATURES_FILE = "features.parquet"
 README_FILE = "README.md"
@@ -82,8 +84,9 @@ def render_card(repo: str, index: dict[str, dict[str, Any]], old: str | None = N
     lines = [*yaml, "", f"# {repo}", "",
              ("Sparse autoencoders published with sae-registry, in the SAELens layout: load one "
               "with `sae_lens.SAE.load_from_disk` on a downloaded folder, or with "
-              f"`saereg.registry.api.load_sae(\"hf://{repo}/PATH@TAG\")`. Each folder's registry.json "
-              "lists the sha256 of every file, the metrics and the lineage."), "",
+              f"`saereg.registry.api.load_sae(\"{format_hf_ref(repo, 'PATH', 'TAG')}\")`. Each "
+              "folder's registry.json lists the sha256 of every file, the metrics and the "
+              "lineage."), "",
              ("| path | SAE | version | tag | model | hook | architecture | d_sae | L0 | "
               "explained variance |"),
              "|---|---|---|---|---|---|---|---|---|---|"]

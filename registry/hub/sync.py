@@ -5,7 +5,10 @@ A push uploads, in one commit, ``PATH/`` with the SAELens files (cfg.json,
 sae_weights.safetensors, sparsity.safetensors), registry.json and features.parquet, plus the
 repo's README model card; then it tags the commit ``NAME-vN`` and records the publication in
 the catalog. The publication is recorded only after the commit and the tag exist, so a failed
-upload leaves nothing recorded and a retry completes it (the Hub skips unchanged files).
+upload leaves nothing recorded and a retry completes it (the Hub skips unchanged files). A pull
+records each new version with its features, labels, statistics and pull record in one catalog
+transaction. This module writes no catalog rows itself: it calls the public methods of
+:class:`saereg.registry.catalog.writes.Catalog`.
 
 Credentials are huggingface_hub's: ``HF_TOKEN`` or the stored login; ``HF_ENDPOINT`` picks the
 server. The token is never printed, logged, saved or put in an error message.
@@ -27,7 +30,8 @@ from saereg.registry.errors import (ChecksumError, HubError, NotFoundError, SAEF
                                     UsageError, redact)
 from saereg.registry.hub.card import (FEATURES_FILE, README_FILE, REGISTRY_FILE, read_index,
                                       registry_record, render_card, sha256_file)
-from saereg.registry.refs import parse_ref, validate_repo_id, validate_repo_path, validate_revision
+from saereg.registry.refs import (format_hf_ref, parse_ref, validate_repo_id, validate_repo_path,
+                                  validate_revision)
 
 if TYPE_CHECKING:
     from saereg.registry.catalog.writes import Catalog
@@ -57,17 +61,8 @@ def _api():
 
 
 def _scrub(text: str) -> str:
-    """First line of an error, with any token value and URL credentials removed."""
-    line = redact(str(text).strip().splitlines()[0] if str(text).strip() else type(text).__name__)
-    try:
-        from huggingface_hub import get_token
-
-        token = get_token()
-    except Exception:  # noqa: BLE001
-        token = None
-    for secret in filter(None, (token, os.environ.get("HF_TOKEN"))):
-        line = line.replace(secret, "***")
-    return line
+    """First line of an error, redacted (the HF token, URL credentials, ...)."""
+    return redact(str(text).strip().splitlines()[0] if str(text).strip() else type(text).__name__)
 
 
 @contextlib.contextmanager
@@ -127,39 +122,6 @@ def verify_folder(folder: Path, where: str) -> dict | None:
 
 # -- push ------------------------------------------------------------------------------------
 
-def _recorded(cat: Catalog, version_id: int, direction: str, repo: str, path: str):
-    from sqlalchemy import select
-
-    from saereg.registry.catalog.schema import Publication as Row
-
-    with cat.session() as s:
-        return s.scalar(select(Row).where(Row.version_id == version_id,
-                                          Row.direction == direction, Row.repo == repo,
-                                          Row.path == path))
-
-
-def _record(cat: Catalog, version_id: int, direction: str, repo: str, path: str,
-            revision: str, commit: str) -> None:
-    from sqlalchemy import select
-
-    from saereg.registry.catalog import db
-    from saereg.registry.catalog.rows import current_user
-    from saereg.registry.catalog.schema import Publication as Row
-    from saereg.registry.catalog.schema import utcnow
-
-    def attempt() -> None:
-        with cat.session(write=True) as s:
-            if s.scalar(select(Row.id).where(  # a concurrent push recorded it meanwhile
-                    Row.version_id == version_id, Row.direction == direction,
-                    Row.repo == repo, Row.path == path)) is not None:
-                return
-            s.add(Row(version_id=version_id, direction=direction, repo=repo, path=path,
-                      revision=revision, commit=commit, created_at=utcnow(),
-                      created_by=current_user()))
-
-    db.retrying(attempt, what=f"recording the publication in {repo}")
-
-
 def _feature_export(cat: Catalog, info):  # noqa: ANN001 - a VersionInfo
     from saereg.registry.hub import features as hub_features
 
@@ -185,7 +147,7 @@ def push(ref: str, repo: str, *, path: str | None = None, private: bool = False,
     """Publish catalog version ``ref`` to Hub repo ``repo`` at folder ``path`` (default: the SAE
     name) and tag it ``NAME-vN``. Pushing a version already published there is a no-op."""
     from saereg.registry.catalog.store import ArtifactStore
-    from saereg.registry.catalog.writes import Catalog
+    from saereg.registry.catalog.writes import Catalog, PublicationRecord
     from saereg.registry.hub import features as hub_features
 
     validate_repo_id(repo)
@@ -193,7 +155,7 @@ def push(ref: str, repo: str, *, path: str | None = None, private: bool = False,
     info = cat.get(ref)
     path = validate_repo_path(info.name if path is None else path)
     tag = f"{info.name}-v{info.number}"
-    row = _recorded(cat, info.id, "push", repo, path)
+    row = cat.find_publication(info.ref, "push", repo, path)
     if row is not None:
         return Publication(info.ref, repo, path, row.revision, row.commit, skipped=True)
     api = _api()
@@ -227,7 +189,7 @@ def push(ref: str, repo: str, *, path: str | None = None, private: bool = False,
                                            commit_message=f"Publish {info.ref} at {path or '.'}"
                                            ).oid
                 api.create_tag(repo, tag=tag, revision=commit, tag_message=f"{info.ref}")
-    _record(cat, info.id, "push", repo, path, tag, commit)
+    cat.record_publication(info.ref, PublicationRecord("push", repo, path, tag, commit))
     return Publication(info.ref, repo, path, tag, commit)
 
 
@@ -296,8 +258,10 @@ def pull(spec: str, *, path: str | None = None, name: str | None = None,
          database_url: str | None = None) -> list[Pulled]:
     """Register the SAE folders of Hub repo ``ORG/NAME[@REV]`` (those under ``path``, if given)
     into the catalog, with their metrics, lineage and features. Every file is checked against
-    registry.json before anything is recorded; a folder whose files are already a version of
-    the same SAE adds nothing."""
+    registry.json before anything is recorded. Each new version is recorded together with its
+    pull record (repo, path, revision, commit), in one catalog transaction. A folder whose
+    files are already a version of the same SAE adds nothing, except the pull record of a
+    version pulled from there before that lacks one."""
     from saereg.registry.catalog.writes import Catalog
 
     repo, rev = parse_repo_spec(spec)
@@ -319,7 +283,7 @@ def pull(spec: str, *, path: str | None = None, name: str | None = None,
     patterns = [f"{f}/{n}" if f else n for f in folders for n in PUBLISHED_FILES]
     with hub_errors(f"downloading {repo}@{rev or 'main'}", repo, rev):
         root = _download(repo, commit, patterns)
-    records = {f: verify_folder(root / f, f"hf://{repo}/{f}@{commit}") for f in folders}
+    records = {f: verify_folder(root / f, format_hf_ref(repo, f, commit)) for f in folders}
     cat = Catalog(database_url)
     return [_register_pulled(cat, repo, f, commit, rev, root / f, records[f], name)
             for f in folders]
@@ -328,10 +292,12 @@ def pull(spec: str, *, path: str | None = None, name: str | None = None,
 def _register_pulled(cat: Catalog, repo: str, folder: str, commit: str, rev: str | None,
                      local: Path, record: dict | None, name: str | None) -> Pulled:
     from saereg.registry.catalog.sources import read_folder
+    from saereg.registry.catalog.writes import PublicationRecord
     from saereg.registry.errors import SAENotFoundError
     from saereg.registry.refs import validate_name
 
     record = record or {}
+    pulled = PublicationRecord("pull", repo, folder, rev or commit, commit)
     name = validate_name(name or record.get("name") or folder.rsplit("/", 1)[-1] or
                          repo.split("/")[1])
     weights = sha256_file(local / "sae_weights.safetensors")
@@ -346,11 +312,14 @@ def _register_pulled(cat: Catalog, repo: str, folder: str, commit: str, rev: str
         v = cat.get(row.ref)
         have = {f.name: f.sha256 for f in v.files}
         if have.get("sae_weights.safetensors") == weights and have.get("cfg.json") == cfg_sha:
+            if (v.tags.get("hub.repo"), v.tags.get("hub.path")) == (repo, folder or "."):
+                # pulled from here before: an interrupted older pull may have left it without
+                # its pull record (recorded now; one that is there stays as it is)
+                cat.record_publication(v.ref, pulled)
             return Pulled(v.ref, repo, folder, commit, added=False)
     src = read_folder(local)
     lineage = record.get("lineage") or {}
-    src.kind, src.uri = "hub", f"hf://{repo}/{folder}@{commit}" if folder else \
-        f"hf://{repo}@{commit}"
+    src.kind, src.uri = "hub", format_hf_ref(repo, folder, commit)
     src.metrics = {k: float(v) for k, v in (record.get("metrics") or {}).items()
                    if isinstance(v, (int, float))}
     src.dataset = lineage.get("dataset") or src.dataset
@@ -368,13 +337,11 @@ def _register_pulled(cat: Catalog, repo: str, folder: str, commit: str, rev: str
         export = hub_features.read(local / FEATURES_FILE, src.d_sae)
         if src.log10_rates is None and any(r is not None for r in export.log10_rates):
             src.log10_rates = export.log10_rates
-    source = f"hf://{repo}/{folder}@{commit}" if folder else f"hf://{repo}@{commit}"
-    cat._precheck(name, tags, None)
-    info = cat._register(
-        src, name, tags=tags, note=None, parent=None,
+    source = format_hf_ref(repo, folder, commit)
+    info = cat.register_source(
+        src, name, tags=tags, publication=pulled,
         extra=None if export is None else
         lambda s, vid: hub_features.insert(s, vid, export, source=source))
-    _record(cat, info.id, "pull", repo, folder, rev or commit, commit)
     return Pulled(info.ref, repo, folder, commit, added=True,
                   labels=export.n_labels if export else 0,
                   stats_tokens=int(export.stats_run.get("tokens") or 0)

@@ -22,7 +22,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from saereg.registry.errors import SAEFormatError
-from saereg.registry.sae.modules import SAE, SAE_CLASSES, SAEConfig
+from saereg.registry.sae.checks import check_shapes, read_json_object
+from saereg.registry.sae.modules import SAE, SAE_CLASSES, SAEConfig, torch_dtype
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
@@ -103,10 +104,7 @@ def read_cfg(path: str | Path) -> dict[str, Any]:
     cfg_path = Path(path) / CFG_FILE
     if not cfg_path.is_file():
         raise SAEFormatError(f"{path} is not an SAE folder: {CFG_FILE} is missing")
-    try:
-        return json.loads(cfg_path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise SAEFormatError(f"cannot read {cfg_path}: {e}") from e
+    return read_json_object(cfg_path)
 
 
 def config_from_cfg_dict(raw: dict[str, Any]) -> SAEConfig:
@@ -141,7 +139,8 @@ def load_sae(path: str | Path, *, device: str | torch.device = "cpu",
         state = load_file(str(weights))
     except Exception as e:  # noqa: BLE001
         raise SAEFormatError(f"cannot read {weights}: {e}") from e
-    check_shapes(cfg, state, path)
+    check_shapes(cfg.architecture, cfg.d_in, cfg.d_sae,
+                 {name: tuple(t.shape) for name, t in state.items()}, weights)
     sae = SAE_CLASSES[cfg.architecture](cfg)
     if "threshold" in state and state["threshold"].ndim == 0:
         state["threshold"] = state["threshold"].expand(cfg.d_sae).clone()
@@ -149,24 +148,11 @@ def load_sae(path: str | Path, *, device: str | torch.device = "cpu",
     missing = [m for m in missing if m != "norm_scale"]
     if missing or unexpected:
         raise SAEFormatError(f"{weights}: missing tensors {missing}, unexpected {unexpected}")
-    if isinstance(dtype, str):
-        from saereg.registry.sae.modules import DTYPES
-        dtype = DTYPES[dtype]
+    if dtype is not None:
+        dtype = torch_dtype(dtype)
     sae = sae.to(device=device, dtype=dtype) if dtype is not None else sae.to(device)
     sae.norm_scale.data = sae.norm_scale.data.float()
     return sae.eval()
-
-
-def check_shapes(cfg: SAEConfig, state: dict[str, torch.Tensor], path: Path) -> None:
-    """Refuse a folder whose cfg.json disagrees with its tensors."""
-    expect = {"W_enc": (cfg.d_in, cfg.d_sae), "W_dec": (cfg.d_sae, cfg.d_in), "b_dec": (cfg.d_in,)}
-    for name, shape in expect.items():
-        if name not in state:
-            raise SAEFormatError(f"{path / WEIGHTS_FILE} lacks tensor {name}")
-        if tuple(state[name].shape) != shape:
-            raise SAEFormatError(
-                f"{path}: {CFG_FILE} says d_in={cfg.d_in}, d_sae={cfg.d_sae} but {name} has shape "
-                f"{tuple(state[name].shape)} (expected {shape})")
 
 
 def load_log_sparsity(path: str | Path) -> torch.Tensor | None:

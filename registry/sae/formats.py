@@ -23,11 +23,10 @@ Nothing is unpickled: safetensors, JSON, npz without pickles, ``torch.load`` wit
 from __future__ import annotations
 
 import json
-import tempfile
 from pathlib import Path
-from typing import Any
 
 from saereg.registry.errors import SAEFormatError, UsageError
+from saereg.registry.sae.checks import check_shapes, read_json_object
 
 FORMATS = ("saelens", "sparsify", "gemmascope", "dictionary_learning")
 EXPORT_FORMATS = ("saelens", "sparsify")
@@ -51,16 +50,6 @@ def detect_format(path: str | Path) -> str:
                          "sae.safetensors, params.npz, ae.pt)")
 
 
-def _json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise SAEFormatError(f"cannot read {path}: {e}") from None
-    if not isinstance(data, dict):
-        raise SAEFormatError(f"{path} is not a JSON object")
-    return data
-
-
 def _need(state: dict, keys: tuple[str, ...], where: Path) -> None:
     missing = [k for k in keys if k not in state]
     if missing:
@@ -72,34 +61,29 @@ def _build(arch: str, tensors: dict, *, k: int | None = None, apply_b_dec: bool 
     """An SAE module of ``arch`` holding ``tensors`` (W_enc [d_in, d_sae], ...)."""
     import torch
 
-    from saereg.registry.sae.modules import SAE_CLASSES, SAEConfig
+    from saereg.registry.sae.modules import SAE_CLASSES, SAEConfig, dtype_name
 
     w_enc = tensors["W_enc"]
     d_in, d_sae = int(w_enc.shape[0]), int(w_enc.shape[1])
-    dtype = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16",
-             torch.float64: "float64"}.get(w_enc.dtype, "float32")
+    dtype = dtype_name(w_enc.dtype) or "float32"
     try:
         cfg = SAEConfig(d_in=d_in, d_sae=d_sae, architecture=arch, k=k, dtype=dtype,
                         apply_b_dec_to_input=apply_b_dec, metadata=dict(metadata or {}))
     except Exception as e:  # noqa: BLE001 - a config error here is a format error
         raise SAEFormatError(f"{where}: {e}") from None
+    check_shapes(arch, d_in, d_sae, {name: tuple(v.shape) for name, v in tensors.items()}, where,
+                 sizes_from="W_enc")
     sae = SAE_CLASSES[arch](cfg)
-    expect = {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_in), "b_enc": (d_sae,),
-              "b_dec": (d_in,), "threshold": (d_sae,)}
     with torch.no_grad():
         for name, value in tensors.items():
-            value = torch.as_tensor(value)
-            if name in expect and tuple(value.shape) != expect[name]:
-                raise SAEFormatError(f"{where}: {name} has shape {tuple(value.shape)}, expected "
-                                     f"{expect[name]} (d_in={d_in}, d_sae={d_sae})")
-            getattr(sae, name).copy_(value.to(getattr(sae, name).dtype))
+            getattr(sae, name).copy_(torch.as_tensor(value).to(getattr(sae, name).dtype))
     return sae.eval()
 
 
 def _read_sparsify(p: Path):
     from safetensors.torch import load_file
 
-    cfg = _json(p / "cfg.json")
+    cfg = read_json_object(p / "cfg.json")
     if cfg.get("skip_connection") or cfg.get("transcode"):
         raise SAEFormatError(f"{p}: sparsify transcoders and skip connections are not SAEs this "
                              "project can represent")
@@ -135,7 +119,7 @@ def _read_gemmascope(p: Path):
 def _read_dictionary_learning(p: Path):
     import torch
 
-    cfg = _json(p / "config.json") if (p / "config.json").is_file() else {}
+    cfg = read_json_object(p / "config.json") if (p / "config.json").is_file() else {}
     trainer = cfg.get("trainer") or {}
     try:
         st = torch.load(p / "ae.pt", map_location="cpu", weights_only=True)
@@ -176,7 +160,7 @@ def read_foreign(path: str | Path, fmt: str = "auto"):
     if fmt not in FORMATS:
         raise UsageError(f"unknown format {fmt!r}; use auto or one of {', '.join(FORMATS)}")
     if fmt == "saelens":
-        raw = _json(p / "cfg.json")
+        raw = read_json_object(p / "cfg.json")
         if raw.get("rescale_acts_by_decoder_norm") or raw.get("normalize_activations") not in (
                 None, "none") or raw.get("reshape_activations") not in (None, "none"):
             raise SAEFormatError(f"{p}: SAELens options rescale_acts_by_decoder_norm, "
@@ -185,26 +169,6 @@ def read_foreign(path: str | Path, fmt: str = "auto"):
     reader = {"sparsify": _read_sparsify, "gemmascope": _read_gemmascope,
               "dictionary_learning": _read_dictionary_learning}[fmt]
     return reader(p)
-
-
-def import_sae(path: str | Path, name: str, *, fmt: str = "auto", model: str | None = None,
-               hook: str | None = None, tags: dict[str, str] | None = None,
-               database_url: str | None = None):
-    """Convert a foreign SAE and register it as the next version of ``name``."""
-    from saereg.registry.catalog.writes import Catalog
-    from saereg.registry.sae.folder import save_sae
-
-    sae = read_foreign(path, fmt)
-    meta = sae.cfg.metadata
-    if model:
-        meta["model_name"] = model
-    if hook:
-        meta["hook_name"] = hook
-    meta["imported_from"] = f"{fmt}:{Path(path).expanduser().resolve()}"
-    with tempfile.TemporaryDirectory(prefix="saereg-import-") as tmp:
-        folder = save_sae(sae, Path(tmp) / "sae")
-        return Catalog(database_url).register_folder(folder, name, model=model, hook=hook,
-                                                     tags=tags, link_run=False)
 
 
 def export_sparsify(sae, dest: str | Path, *, overwrite: bool = False) -> Path:
@@ -235,19 +199,3 @@ def export_sparsify(sae, dest: str | Path, *, overwrite: bool = False) -> Path:
     if dest.exists() and not overwrite:
         raise UsageError(f"{dest} already exists (pass --force to replace it)")
     return write_atomic_dir(dest, fill, overwrite=overwrite)
-
-
-def convert(ref: str, dest: str | Path, *, to: str = "saelens", overwrite: bool = False) -> Path:
-    """Write the SAE ``ref`` names (catalog, folder or hf://) in layout ``to``."""
-    from saereg.registry.api import load_sae
-    from saereg.registry.sae.folder import save_sae
-
-    if to not in EXPORT_FORMATS:
-        raise UsageError(f"cannot export to {to!r}; use one of {', '.join(EXPORT_FORMATS)}")
-    sae = load_sae(ref)
-    if to == "sparsify":
-        return export_sparsify(sae, dest, overwrite=overwrite)
-    dest = Path(dest).expanduser()
-    if dest.exists() and not overwrite:
-        raise UsageError(f"{dest} already exists (pass --force to replace it)")
-    return save_sae(sae, dest, overwrite=overwrite)

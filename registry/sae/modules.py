@@ -21,11 +21,29 @@ import torch
 from torch import nn
 
 from saereg.registry.errors import ConfigError
+from saereg.registry.sae.architectures import ARCHITECTURES, K_ARCHITECTURES
 
-ARCHITECTURES = ("relu", "topk", "batchtopk", "jumprelu", "gated", "matryoshka")
-K_ARCHITECTURES = ("topk", "batchtopk", "matryoshka")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
           "float64": torch.float64}
+"""Every dtype this project names (SAE weights, language models, activations), by name."""
+
+
+def torch_dtype(name: str | torch.dtype, choices: tuple[str, ...] | None = None, *,
+                field: str = "dtype") -> torch.dtype:
+    """The torch dtype called ``name`` (a dtype passes through), one of ``choices`` (default:
+    every name in :data:`DTYPES`); otherwise ConfigError naming ``field`` and the choices."""
+    allowed = choices or tuple(DTYPES)
+    if isinstance(name, torch.dtype):
+        name = dtype_name(name) or str(name)
+    if name not in allowed:
+        raise ConfigError(f"{field} must be one of {', '.join(allowed)}; got {name!r}",
+                          field=field)
+    return DTYPES[name]
+
+
+def dtype_name(dtype: torch.dtype) -> str | None:
+    """The name :data:`DTYPES` gives ``dtype`` (None for a dtype it does not name)."""
+    return next((name for name, d in DTYPES.items() if d == dtype), None)
 
 
 @dataclass
@@ -62,8 +80,7 @@ class SAEConfig:
         if self.d_in <= 0 or self.d_sae <= 0:
             raise ConfigError(f"d_in and d_sae must be positive; got d_in={self.d_in}, "
                               f"d_sae={self.d_sae}")
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}; got {self.dtype!r}")
+        torch_dtype(self.dtype)
         if self.architecture in K_ARCHITECTURES:
             if self.k is None:
                 raise ConfigError(f"architecture {self.architecture} needs k")

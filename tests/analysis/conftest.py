@@ -10,46 +10,18 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "registry"))
-from catalog_helpers import (
-    CATALOG_TABLES,
-    PG_SERVER,
-    create_pg_database,
-    drop_pg_database,
-)
+from catalog_helpers import BACKENDS, migrated_pg_database, use_backend
 from feature_helpers import register_tiny_sae
-
-BACKENDS = ["sqlite", pytest.param("postgresql", marks=[
-    pytest.mark.postgres,
-    pytest.mark.skipif(not PG_SERVER, reason="SAEREG_TEST_POSTGRES_URL is not set")])]
 
 
 @pytest.fixture(scope="session")
 def analysis_pg_url():
-    from saereg.registry.catalog import db
-    from saereg.registry.catalog import migrate
-
-    url = create_pg_database("saereg_feat")
-    try:
-        migrate.upgrade_engine(db.get_engine(url, check_schema=False), "head")
-        yield url
-    finally:
-        drop_pg_database(url)
+    yield from migrated_pg_database("saereg_feat")
 
 
 @pytest.fixture(params=BACKENDS)
 def backend(request, monkeypatch, mlflow_store):
-    from saereg.registry.catalog import db
-
-    monkeypatch.delenv("SAEREG_DATABASE_URL", raising=False)
-    if request.param == "postgresql":
-        from sqlalchemy import text
-
-        url = request.getfixturevalue("analysis_pg_url")
-        monkeypatch.setenv("SAEREG_DATABASE_URL", url)
-        with db.get_engine(url).begin() as conn:
-            conn.execute(text(f"TRUNCATE {', '.join(CATALOG_TABLES)} RESTART IDENTITY CASCADE"))
-    yield request.param
-    db.dispose_all()
+    yield from use_backend(request, monkeypatch, "analysis_pg_url")
 
 
 @pytest.fixture

@@ -1,7 +1,9 @@
 """Labels and search on SQLite (FTS5) and PostgreSQL (full text): relabelling appends and keeps
 every version with its provenance (supersedes, method, model, author, status); search finds a
 labelled feature by one word of its label (stemmed), ranks and filters (SAE, firing rate),
-skips rejected labels; the heuristic labeller labels every live feature from stored stats;
+skips rejected labels, and shows each hit under its current label (the one `feature show`
+shows) even when an older label matched; the heuristic labeller labels every live feature
+from stored stats;
 `saereg feature show` renders the dashboard and `feature plot` writes a PNG; bad input (index out of range, empty text) is one
 clear error with nothing stored; `saereg --help` still imports no torch."""
 
@@ -56,6 +58,30 @@ def test_history_and_search(tiny_sae, monkeypatch):
     with pytest.raises(UsageError):
         search_labels("  ")
     assert n_labels() == before
+
+
+def test_a_hit_shows_the_current_label_even_when_an_older_one_matched(tiny_sae):
+    old = labels.add_label(tiny_sae, 5, "Mentions of travelling by train")
+    new = labels.add_label(tiny_sae, 5, "railway timetables")
+    assert new.supersedes == old.id
+    labels.add_label(tiny_sae, 6, "steam trains", status="accepted")
+    labels.add_label(tiny_sae, 6, "trains and buses")  # a newer candidate: not current
+    assert labels.current(labels.history(tiny_sae, 5)).text == "railway timetables"
+
+    hits = {h.feature_index: h for h in search_labels("travelling")}
+    assert set(hits) == {5}
+    assert (hits[5].label, hits[5].status, hits[5].method) == ("railway timetables",
+                                                               "candidate", "human")
+    assert hits[5].matched == "Mentions of travelling by train"
+    [hit] = search_labels("timetables")  # the current label itself matched
+    assert (hit.label, hit.matched) == ("railway timetables", None)
+    hits = {h.feature_index: h for h in search_labels("buses")}
+    assert (hits[6].label, hits[6].matched) == ("steam trains", "trains and buses")
+    r = CliRunner().invoke(cli, ["search", "travelling"])
+    assert r.exit_code == 0 and r.output.rstrip().endswith("\trailway timetables"), r.output
+    assert "Mentions of travelling" not in r.output
+    r = CliRunner().invoke(cli, ["feature", "show", tiny_sae, "5"])
+    assert r.exit_code == 0 and "current label: railway timetables" in r.output, r.output
 
 
 def test_heuristic_labels_every_live_feature_and_cli(tiny_sae, tmp_path):

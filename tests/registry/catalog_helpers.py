@@ -1,5 +1,6 @@
 """Helpers for catalog tests: SAE folders and MLflow runs written the way a training job
-writes them, file hashes and row counts."""
+writes them, file hashes and row counts, PostgreSQL databases made for tests, and the catalog
+backend (SQLite or PostgreSQL) that the registry and analysis fixtures share."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import os
 import secrets
 import time
 from pathlib import Path
+
+import pytest
 
 CATALOG_TABLES = ("version_evals", "feature_neighbors", "steering_runs", "steering_presets", "feature_labels", "feature_stats",
                   "stats_runs", "publications", "version_notes", "version_tags", "features", "alias_events",
@@ -118,3 +121,43 @@ def drop_pg_database(url: str) -> None:
     with engine.connect() as conn:
         conn.execute(text(f'DROP DATABASE IF EXISTS "{make_url(url).database}" WITH (FORCE)'))
     engine.dispose()
+
+
+def migrated_pg_database(prefix: str = "saereg_test"):
+    """For a session fixture: a PostgreSQL database made for the session and migrated to head;
+    yields its URL and drops it afterwards."""
+    from saereg.registry.catalog import db, migrate
+
+    url = create_pg_database(prefix)
+    try:
+        migrate.upgrade_engine(db.get_engine(url, check_schema=False), "head")
+        yield url
+    finally:
+        drop_pg_database(url)
+
+
+# -- the catalog backend of a test ----------------------------------------------------------------
+
+BACKENDS = ["sqlite", pytest.param("postgresql", marks=[
+    pytest.mark.postgres,
+    pytest.mark.skipif(not PG_SERVER, reason="SAEREG_TEST_POSTGRES_URL is not set")])]
+"""The ``params`` of a backend fixture: SQLite always, PostgreSQL when the server is set."""
+
+
+def use_backend(request, monkeypatch, pg_url_fixture: str):
+    """For a fixture parametrised with :data:`BACKENDS`: point the catalog at the backend of
+    this test, "sqlite" (a fresh file in SAEREG_HOME) or "postgresql" (the session database
+    that the fixture ``pg_url_fixture`` gives, emptied), yield its name, then close every
+    engine."""
+    from saereg.registry.catalog import db
+
+    monkeypatch.delenv("SAEREG_DATABASE_URL", raising=False)
+    if request.param == "postgresql":
+        from sqlalchemy import text
+
+        url = request.getfixturevalue(pg_url_fixture)
+        monkeypatch.setenv("SAEREG_DATABASE_URL", url)
+        with db.get_engine(url).begin() as conn:
+            conn.execute(text(f"TRUNCATE {', '.join(CATALOG_TABLES)} RESTART IDENTITY CASCADE"))
+    yield request.param
+    db.dispose_all()

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 
 import pytest
-from catalog_helpers import CATALOG_TABLES, PG_SERVER, create_pg_database, drop_pg_database
-
-BACKENDS = ["sqlite", pytest.param("postgresql", marks=[
-    pytest.mark.postgres,
-    pytest.mark.skipif(not PG_SERVER, reason="SAEREG_TEST_POSTGRES_URL is not set")])]
+from catalog_helpers import (
+    BACKENDS,
+    PG_SERVER,
+    create_pg_database,
+    drop_pg_database,
+    migrated_pg_database,
+    use_backend,
+)
 
 
 # -- PostgreSQL --------------------------------------------------------------------------------
@@ -22,15 +25,7 @@ def pg_session_url():
     """A PostgreSQL catalog for this test session, migrated to head."""
     if not PG_SERVER:
         pytest.skip("SAEREG_TEST_POSTGRES_URL is not set")
-    from saereg.registry.catalog import db
-    from saereg.registry.catalog import migrate
-
-    url = create_pg_database()
-    try:
-        migrate.upgrade_engine(db.get_engine(url, check_schema=False), "head")
-        yield url
-    finally:
-        drop_pg_database(url)
+    yield from migrated_pg_database()
 
 
 @pytest.fixture
@@ -47,18 +42,7 @@ def pg_empty_url():
 def backend(request, monkeypatch):
     """The catalog backend of this test: "sqlite" (a fresh file in SAEREG_HOME) or
     "postgresql" (the session database, emptied). Sets SAEREG_DATABASE_URL accordingly."""
-    from saereg.registry.catalog import db
-
-    monkeypatch.delenv("SAEREG_DATABASE_URL", raising=False)
-    if request.param == "postgresql":
-        from sqlalchemy import text
-
-        url = request.getfixturevalue("pg_session_url")
-        monkeypatch.setenv("SAEREG_DATABASE_URL", url)
-        with db.get_engine(url).begin() as conn:
-            conn.execute(text(f"TRUNCATE {', '.join(CATALOG_TABLES)} RESTART IDENTITY CASCADE"))
-    yield request.param
-    db.dispose_all()
+    yield from use_backend(request, monkeypatch, "pg_session_url")
 
 
 @pytest.fixture

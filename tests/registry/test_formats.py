@@ -134,7 +134,7 @@ def test_gemma_scope_params_npz(home, tmp_path):
     assert ours.cfg.architecture == "jumprelu" and not ours.cfg.apply_b_dec_to_input
     check(ours, encode, decode)
     with pytest.raises(Exception, match="cannot export to 'gemmascope'"):
-        from saereg.registry.sae.formats import convert
+        from saereg.registry.api import convert_sae as convert
         convert("gs@1", tmp_path / "x", to="gemmascope")
     result = sh("sae", "convert", "gs@1", str(tmp_path / "sp"), "--to", "sparsify")
     assert result.exit_code == 2 and "topk" in result.output

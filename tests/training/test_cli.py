@@ -15,13 +15,33 @@ from saereg.registry.paths import runs_dir
 
 
 def test_help_imports_no_heavy_library():
-    code = ("import sys; from saereg.commands.main import cli\n"
-            "try:\n    cli(['--help'], prog_name='saereg')\nexcept SystemExit:\n    pass\n"
+    """`saereg --help` and the --help of every command and group below it import none of the
+    heavy libraries."""
+    code = ("import sys, click; from saereg.commands.main import cli\n"
+            "def walk(cmd, path):\n"
+            "    yield path\n"
+            "    for name, sub in getattr(cmd, 'commands', {}).items():\n"
+            "        yield from walk(sub, [*path, name])\n"
+            "paths = list(walk(cli, []))\n"
+            "for path in paths:\n"
+            "    try:\n        cli([*path, '--help'], prog_name='saereg')\n"
+            "    except SystemExit as e:\n        assert e.code == 0, (path, e.code)\n"
+            "print('CHECKED', len(paths), ' '.join('/'.join(p) for p in paths))\n"
             "heavy = [m for m in ('torch', 'transformers', 'mlflow', 'lightning', 'datasets')"
             " if m in sys.modules]\nprint('HEAVY', heavy)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "train" in out.stdout and "quickstart" in out.stdout
+    checked = out.stdout.split("CHECKED ", 1)[1].splitlines()[0].split()
+    assert int(checked[0]) > 30  # every group and command, nested ones too
+    assert {"train", "cache", "sae", "sae/import", "sae/convert", "sae/alias/set", "db/upgrade",
+            "sync/push", "models/hooks"} <= set(checked[1:])
     assert "HEAVY []" in out.stdout
+
+
+def test_python_m_saereg_runs_the_command_line():
+    out = subprocess.run([sys.executable, "-m", "saereg", "train", "--help"], capture_output=True,
+                         text=True, check=True)
+    assert out.stdout.startswith("Usage: saereg train")
 
 
 def test_models_hooks_lists_layers_with_shapes(tiny_model_dir):

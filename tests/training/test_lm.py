@@ -219,13 +219,19 @@ def test_build_tiny_llama_is_reproducible_from_its_seed(tmp_path, tiny_model_dir
 
 
 @pytest.mark.slow
-def test_packaged_smollm2_converts_once_then_loads_from_cache(saereg_home_dir, capfd):
-    lm = load_lm("smollm2-135m")
-    assert "converting" in capfd.readouterr().err
-    folder = saereg_home_dir / "models" / "smollm2-135m"
+def test_packaged_smollm2_converts_once_then_loads_from_cache(smollm2_conversion, monkeypatch,
+                                                              capfd):
+    # the session's conversion: the first load_lm("smollm2-135m") in an empty SAEREG_HOME
+    home, first_load_err = smollm2_conversion
+    assert "converting" in first_load_err
+    folder = home / "models" / "smollm2-135m"
     assert (folder / "model.safetensors").is_file() and (folder / "config.json").is_file()
     assert "quantization_config" not in (folder / "config.json").read_text()
     assert not [p for p in folder.parent.iterdir() if p.name.startswith(".")]  # no temp folder left
+    monkeypatch.setenv("SAEREG_HOME", str(home))
+    mtime = (folder / "model.safetensors").stat().st_mtime_ns
+    lm = load_lm("smollm2-135m")
+    assert "converting" not in capfd.readouterr().err
     assert (lm.name, lm.source) == ("HuggingFaceTB/SmolLM2-135M-Instruct", "packaged")
     assert (lm.n_layers, lm.d_model, lm.model.config.vocab_size) == (30, 576, 49152)
     assert lm.model.lm_head.weight.data_ptr() == lm.model.model.embed_tokens.weight.data_ptr()
@@ -234,7 +240,6 @@ def test_packaged_smollm2_converts_once_then_loads_from_cache(saereg_home_dir, c
         logits = lm.model(ids).logits
     assert lm.tokenizer.decode(logits[0, -1].argmax()).strip() == "Paris"
 
-    mtime = (folder / "model.safetensors").stat().st_mtime_ns
     again = load_lm("SmolLM2-135M-Instruct")
     assert "converting" not in capfd.readouterr().err
     assert (folder / "model.safetensors").stat().st_mtime_ns == mtime
@@ -245,7 +250,7 @@ def test_packaged_smollm2_converts_once_then_loads_from_cache(saereg_home_dir, c
 
 
 @pytest.mark.slow
-def test_gguf_file_loads_directly_and_matches_the_converted_copy():
+def test_gguf_file_loads_directly_and_matches_the_converted_copy(smollm2):
     gguf = packaged_gguf_path()
     direct = load_lm(str(gguf))
     assert (direct.source, direct.name, direct.n_layers) == ("gguf", str(gguf), 30)

@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import click
 
+from saereg.analysis.tokens import display_token
+
 BAR = 40
-
-
-def _tok(token: str) -> str:
-    return token.replace("\u0120", " ").replace("\u010a", "\\n").replace("\u2581", " ")
 
 
 def example_line(ex: dict) -> str:
@@ -17,7 +15,7 @@ def example_line(ex: dict) -> str:
     top = max(ex["acts"]) or 1.0
     parts = []
     for i, (t, a) in enumerate(zip(ex["tokens"], ex["acts"])):
-        t = _tok(t)
+        t = display_token(t)
         if i == peak:
             parts.append(click.style(f"[{t}]", fg="red", bold=True))
         elif a > 0:
@@ -47,6 +45,10 @@ def render_feature(info, index: int, run, stats, labels, examples: int = 5) -> s
     out = [click.style(f"{info.ref} feature {index}", bold=True)
            + f"  ({info.model} {info.hook}, d_sae {info.d_sae})"]
     if labels:
+        from saereg.analysis.labels import current
+
+        lab = current(labels)
+        out.append(f"current label: {lab.text if lab else '(none: every label was rejected)'}")
         out.append("labels:")
         for lab in labels:
             score = "" if lab.detection_score is None else f" score {lab.detection_score:.2f}"
@@ -71,5 +73,5 @@ def render_feature(info, index: int, run, stats, labels, examples: int = 5) -> s
             out.append(f"  {ex['activation']:8.3f}  {example_line(ex)}   "
                        f"<{ex['doc_id']} @{ex['doc_offset']}>")
     for name, rows in (("top logits", stats.top_logits), ("bottom logits", stats.bottom_logits)):
-        out.append(f"{name}: " + "  ".join(f"{_tok(t)!r} {v:+.3f}" for t, v in rows))
+        out.append(f"{name}: " + "  ".join(f"{display_token(t)!r} {v:+.3f}" for t, v in rows))
     return "\n".join(out)

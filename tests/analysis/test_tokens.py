@@ -1,0 +1,34 @@
+"""One display form of a token (``saereg.analysis.tokens.display_token``): byte-level BPE and
+SentencePiece space markers become spaces, newlines and tabs (stored or as their byte-level
+stand-ins) become visible escapes; the terminal dashboard, the LLM explainer's prompt and the
+heuristic labels all show tokens that way."""
+
+from __future__ import annotations
+
+import click
+
+from saereg.analysis.explainer import explain_prompt_text
+from saereg.analysis.labels import heuristic_text
+from saereg.commands.feature_views import example_line
+from saereg.analysis.tokens import display_token
+
+
+def test_display_token():
+    assert display_token("\u0120travel") == " travel"      # GPT-2 / LLaMA 3 byte-level space
+    assert display_token("\u2581travel") == " travel"      # SentencePiece space
+    assert display_token("\u010a\u010a") == "\\n\\n"       # byte-level newline
+    assert display_token("\u0109x\u010d") == "\\tx\\r"     # byte-level tab, carriage return
+    assert display_token("a\nb\tc") == "a\\nb\\tc"         # raw control characters
+    assert display_token("plain") == "plain"
+    assert display_token("") == ""
+
+
+def test_every_view_shows_tokens_in_the_display_form():
+    ex = {"tokens": ["\u0120by", "\u0120train", "\u010a"], "acts": [0.0, 2.0, 0.0], "peak": 1,
+          "activation": 2.0}
+    logits = [["\u0120railway", 1.5], ["\u2581rail", 1.0]]
+    assert click.unstyle(example_line(ex)) == " by[ train]\\n"
+    prompt = explain_prompt_text([ex], logits)
+    assert "1.  by<< train>>\\n" in prompt and "' railway', ' rail'" in prompt
+    assert "\u0120" not in prompt and "\u2581" not in prompt
+    assert heuristic_text([ex], logits) == "fires on 'train'; promotes 'railway', 'rail'"
