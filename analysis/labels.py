@@ -22,6 +22,8 @@ from saereg.registry.catalog.feature_schema import (LABEL_METHODS, LABEL_STATUSE
 from saereg.registry.errors import NotFoundError, UsageError
 
 HEURISTIC_MODEL = "saereg-heuristic-v1"
+MAX_LABEL_CHARS = 2000
+"""The longest label text, in characters (after runs of whitespace become one space)."""
 
 
 @dataclass(frozen=True)
@@ -47,8 +49,8 @@ def _check(text: str, method: str, status: str) -> str:
     text = " ".join((text or "").split())
     if not text:
         raise UsageError("a label needs some text")
-    if len(text) > 2000:
-        raise UsageError(f"a label is at most 2000 characters, got {len(text)}")
+    if len(text) > MAX_LABEL_CHARS:
+        raise UsageError(f"a label is at most {MAX_LABEL_CHARS} characters, got {len(text)}")
     if method not in LABEL_METHODS:
         raise UsageError(f"method must be one of {', '.join(LABEL_METHODS)}, got {method!r}")
     if status not in LABEL_STATUSES:

@@ -5,7 +5,9 @@ stored per version and logged to MLflow."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import select
 
@@ -26,21 +28,26 @@ class Neighbor:
 
 
 def neighbors(ref: str, index: int, *, other: str | None = None, k: int = 10,
-              database_url: str | None = None) -> list[Neighbor]:
+              database_url: str | None = None,
+              load: Callable[[str], Any] | None = None) -> list[Neighbor]:
     """The ``k`` features of ``other`` (default: ``ref`` itself, excluding ``index``) whose
-    decoder directions are closest in cosine to feature ``index`` of ``ref``."""
+    decoder directions are closest in cosine to feature ``index`` of ``ref``. ``load(ref)``
+    gives a version's SAE when they must be computed (default: ``load_sae``; a server passes
+    the SAEs it keeps loaded)."""
     import torch
 
     from saereg.analysis.search import current_labels
     from saereg.analysis.stats import check_index
     from saereg.registry.api import get_version, load_sae
+    from saereg.training.lm_load import model_ref
 
     if k < 1:
         raise UsageError(f"k must be positive, got {k}")
     info = get_version(ref, database_url=database_url)
     check_index(info, index)
     oinfo = info if other is None else get_version(other, database_url=database_url)
-    if (oinfo.model, oinfo.hook, oinfo.d_in) != (info.model, info.hook, info.d_in):
+    if ((model_ref(oinfo.model), oinfo.hook, oinfo.d_in)
+            != (model_ref(info.model), info.hook, info.d_in)):
         raise UsageError(f"{oinfo.ref} is on {oinfo.model} {oinfo.hook}, not {info.model} "
                          f"{info.hook}: decoder directions are not comparable")
     with db.session(database_url) as s:
@@ -49,8 +56,9 @@ def neighbors(ref: str, index: int, *, other: str | None = None, k: int = 10,
             FeatureNeighbor.other_version_id == oinfo.id).order_by(FeatureNeighbor.rank)).all()
         stored = [(r.other_index, r.cosine) for r in rows]
     if len(stored) < min(k, oinfo.d_sae - (oinfo.id == info.id)):
-        w = load_sae(info.ref, database_url=database_url).W_dec.detach()
-        wo = w if oinfo.id == info.id else load_sae(oinfo.ref, database_url=database_url).W_dec.detach()
+        fetch = load or (lambda r: load_sae(r, database_url=database_url))
+        w = fetch(info.ref).W_dec.detach()
+        wo = w if oinfo.id == info.id else fetch(oinfo.ref).W_dec.detach()
         d = w[index] / w[index].norm().clamp(min=1e-12)
         cos = (wo / wo.norm(dim=1, keepdim=True).clamp(min=1e-12)) @ d
         if oinfo.id == info.id:

@@ -6,7 +6,8 @@ rejected labels never match. A feature is listed once, ranked by its best-matchi
 shown with its current label (the one ``saereg feature show`` shows; the rule is
 :func:`saereg.registry.catalog.feature_schema.current_label`); when the match came from another
 label, such as one the current label superseded, the hit says which. Filters: model, hook, SAE
-name, firing-rate range (from the version's latest stats run).
+name, firing-rate range (from the version's latest stats run; each bound a finite number in
+0..1, the lowest not above the highest).
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from dataclasses import dataclass
 from sqlalchemy import text
 
 from saereg.registry.catalog import db
-from saereg.registry.errors import UsageError
+from saereg.registry.errors import ConfigError, UsageError
+from saereg.registry.sae.checks import finite_number
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,13 @@ def search_labels(query: str, *, model: str | None = None, hook: str | None = No
     words = _words(query)
     if limit < 1:
         raise UsageError(f"limit must be positive, got {limit}")
+    if min_rate is not None:
+        min_rate = finite_number(min_rate, "min_rate", minimum=0, maximum=1)
+    if max_rate is not None:
+        max_rate = finite_number(max_rate, "max_rate", minimum=0, maximum=1)
+    if min_rate is not None and max_rate is not None and min_rate > max_rate:
+        raise ConfigError(f"min_rate {min_rate:g} is above max_rate {max_rate:g}: no firing "
+                          "rate lies between them", field="min_rate")
     engine = db.get_engine(database_url)
     params: dict = {"limit": limit}
     where = ["l.status <> 'rejected'"]

@@ -5,12 +5,18 @@ A preset is a name plus a version number (editing makes a new number), bound to 
 version; it holds features (SAE version, hook, index, strength), a method and generation
 defaults. ``add`` adds ``strength * unit(W_dec[i])`` to the hook output at every position;
 ``clamp`` sets the feature's activation to ``strength`` (adds ``(strength - a) * W_dec[i]``).
+
+Every number a preset holds must be finite: a strength or a temperature that is NaN or
+infinite is refused where it enters (:func:`create_preset`, ``--strength``, ``--temperature``),
+and a stored preset that holds one (written before this check, or by hand) is refused before
+it steers anything, naming the preset and the value.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -19,8 +25,9 @@ from sqlalchemy import func, select
 
 from saereg.registry.catalog import db
 from saereg.registry.catalog.feature_schema import STEER_METHODS, SteeringPreset, SteeringRun
-from saereg.registry.errors import NotFoundError, UsageError
+from saereg.registry.errors import ConfigError, NotFoundError, SaeRegError, UsageError
 from saereg.registry.refs import validate_name
+from saereg.registry.sae.checks import finite_number
 
 GENERATION_DEFAULTS = {"max_new_tokens": 20, "temperature": 0.0, "top_k": 0, "seed": 0}
 
@@ -39,14 +46,74 @@ class Preset:
     created_by: str = ""
 
 
-def _generation(gen: dict[str, Any] | None, base: dict[str, Any]) -> dict[str, Any]:
-    out = {**base, **{k: v for k, v in (gen or {}).items() if v is not None}}
+INTEGER_SETTINGS = {"max_new_tokens": 1, "top_k": 0, "seed": None}  # name -> smallest value
+
+
+def _generation(gen: dict[str, Any] | None, base: dict[str, Any],
+                stored: str | None = None) -> dict[str, Any]:
+    """``base`` (the defaults, or a stored preset's settings) updated with ``gen``, checked:
+    ``max_new_tokens`` >= 1, ``top_k`` >= 0, ``seed`` (integers), ``temperature`` a finite
+    number >= 0. A bad value given in ``gen`` is a ConfigError naming the setting (the CLI
+    shows its option); one that came from ``base`` when ``stored`` names a preset is an error
+    naming that preset."""
+    given = {k: v for k, v in (gen or {}).items() if v is not None}
+    out = {**GENERATION_DEFAULTS, **base, **given}
     unknown = set(out) - set(GENERATION_DEFAULTS)
     if unknown:
         raise UsageError(f"unknown generation settings: {', '.join(sorted(unknown))}")
-    if int(out["max_new_tokens"]) < 1 or float(out["temperature"]) < 0 or int(out["top_k"]) < 0:
-        raise UsageError("max_new_tokens must be >= 1, temperature and top_k >= 0")
+    try:
+        for key, least in INTEGER_SETTINGS.items():
+            value = out[key]
+            if (isinstance(value, bool) or not isinstance(value, int)
+                    or least is not None and value < least):
+                at_least = "" if least is None else f" >= {least}"
+                raise ConfigError(f"{key} must be an integer{at_least}, got {value!r}",
+                                  field=key)
+        out["temperature"] = finite_number(out["temperature"], "temperature", minimum=0)
+    except ConfigError as e:
+        if stored and e.field not in given:
+            raise SaeRegError(f"preset {stored} holds an invalid generation setting: {e}; "
+                              "create a new version of it with a valid value") from None
+        raise
     return out
+
+
+def _shown(value: Any) -> Any:
+    """A stored value for a message: a number as a float (an integer beyond float range reads
+    as inf), anything else as it is."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return value
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf
+
+
+def _stored(preset: Preset) -> str | None:
+    """``NAME@N`` of a preset read from the catalog; None for one never saved (``id`` 0)."""
+    return f"{preset.name}@{preset.number}" if preset.id else None
+
+
+def _checked_features(features: list[dict[str, Any]],
+                      stored: str | None) -> list[dict[str, Any]]:
+    """The features of preset ``stored`` when each has an integer index and a finite number as
+    its strength; otherwise an error naming the preset, the feature and the value (for a
+    preset never saved, ``stored`` None, a ConfigError naming ``strength``)."""
+    for feat in features:
+        strength, index = feat.get("strength"), feat.get("index")
+        if isinstance(index, bool) or not isinstance(index, int):
+            raise SaeRegError(f"preset {stored} holds a feature with index {index!r}; create a "
+                              "new version of it with valid --feature values")
+        shown = _shown(strength)
+        if isinstance(shown, float) and math.isfinite(shown):
+            continue
+        if stored is None:
+            raise ConfigError(f"strength of feature {index} must be a finite number, got "
+                              f"{shown!r}", field="strength")
+        raise SaeRegError(f"preset {stored} holds strength {shown!r} for feature {index}; a "
+                          "strength must be a finite number: create a new version of it with "
+                          "a finite --strength")
+    return features
 
 
 def create_preset(name: str, sae: str | None = None,
@@ -59,6 +126,7 @@ def create_preset(name: str, sae: str | None = None,
     from saereg.analysis.stats import check_index
     from saereg.registry.api import get_version
     from saereg.registry.catalog.rows import current_user
+    from saereg.training.lm_load import same_model
 
     validate_name(name)
     try:
@@ -76,15 +144,17 @@ def create_preset(name: str, sae: str | None = None,
         feats = []
         for ref, index, strength in features:
             finfo = info if ref is None else get_version(ref, database_url=database_url)
-            if finfo.model != info.model:
+            if not same_model(finfo.model, info.model):
                 raise UsageError(f"feature {index} of {finfo.ref} belongs to model "
                                  f"{finfo.model!r}, but the preset steers {info.model!r}")
             check_index(finfo, index)
+            strength = finite_number(strength, f"strength of feature {index}", field="strength")
             feats.append({"sae": finfo.ref, "version_id": finfo.id, "hook": finfo.hook,
-                          "index": int(index), "strength": float(strength)})
+                          "index": int(index), "strength": strength})
     else:
-        feats = prev.features
-    gen = _generation(generation, prev.generation if prev else GENERATION_DEFAULTS)
+        feats = _checked_features(prev.features, f"{prev.name}@{prev.number}")
+    gen = _generation(generation, prev.generation if prev else GENERATION_DEFAULTS,
+                      f"{prev.name}@{prev.number}" if prev else None)
 
     def write() -> Preset:
         with db.session(database_url, write=True) as s:
@@ -125,22 +195,27 @@ def get_preset(ref: str, *, database_url: str | None = None) -> Preset:
 
 
 @contextlib.contextmanager
-def apply_preset(lm, preset: Preset, *, database_url: str | None = None) -> Iterator[None]:
-    """While active, every forward of ``lm`` is steered by ``preset``."""
+def apply_preset(lm, preset: Preset, *, database_url: str | None = None,
+                 load: Callable[[str], Any] | None = None) -> Iterator[None]:
+    """While active, every forward of ``lm`` is steered by ``preset``. ``load(ref)`` gives the
+    SAE of a feature's version on ``lm``'s device (default: ``load_sae``; a server passes the
+    SAEs it keeps loaded)."""
     import torch
 
     from saereg.registry.api import load_sae
-    from saereg.training.lm import splice
+    from saereg.training.lm import same_model, splice
 
-    if lm.name != preset.model:
+    if not same_model(lm.name, preset.model):
         raise UsageError(f"preset {preset.name}@{preset.number} steers {preset.model!r}, "
                          f"not {lm.name!r}")
+    _checked_features(preset.features, _stored(preset))
     saes: dict[str, Any] = {}
     by_hook: dict[str, list[tuple[Any, dict]]] = {}
     for feat in preset.features:
         if feat["sae"] not in saes:
-            saes[feat["sae"]] = load_sae(feat["sae"], device=lm.device,
-                                         database_url=database_url)
+            saes[feat["sae"]] = (load(feat["sae"]) if load else
+                                 load_sae(feat["sae"], device=lm.device,
+                                          database_url=database_url))
         by_hook.setdefault(feat["hook"], []).append((saes[feat["sae"]], feat))
 
     def steer_fn(items):
@@ -171,7 +246,7 @@ class SteerResult:
     run_id: int
 
 
-def _generate(lm, ids, gen: dict[str, Any], seed: int) -> str:
+def _generate(lm, ids, gen: dict[str, Any], seed: int, streamer=None) -> str:
     import torch
 
     torch.manual_seed(seed)
@@ -182,22 +257,31 @@ def _generate(lm, ids, gen: dict[str, Any], seed: int) -> str:
         kw.update(temperature=float(gen["temperature"]), top_k=int(gen["top_k"]) or None)
     else:
         kw.update(temperature=None, top_k=None, top_p=None)
+    if streamer is not None:
+        kw["streamer"] = streamer
     with torch.no_grad():
         out = lm.model.generate(ids.to(lm.device), attention_mask=torch.ones_like(ids).to(
             lm.device), **kw)
     return lm.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
 
-def steer(preset_ref: str, prompt: str, *, seed: int | None = None, lm=None,
+def steer(preset_ref: str | Preset, prompt: str, *, seed: int | None = None, lm=None,
           generation: dict[str, Any] | None = None, store: bool = True,
-          database_url: str | None = None) -> SteerResult:
+          database_url: str | None = None, load: Callable[[str], Any] | None = None,
+          streamer: Callable[[str], Any] | None = None) -> SteerResult:
     """Default and steered continuations of ``prompt`` with the same seed; stored with the
-    preset version unless ``store`` is False."""
+    preset version unless ``store`` is False. ``preset_ref`` is ``NAME``, ``NAME@N`` or a
+    :class:`Preset` (one never saved, ``id`` 0, is run but its runs are not stored).
+    ``load`` is passed to :func:`apply_preset`; ``streamer(side)``, side ``default`` or
+    ``steered``, gives a transformers streamer for that generation (called once the request
+    has passed every check, just before generating)."""
     from saereg.analysis.lm import load_model
     from saereg.registry.catalog.rows import current_user
 
-    preset = get_preset(preset_ref, database_url=database_url)
-    gen = _generation(generation, preset.generation)
+    preset = (preset_ref if isinstance(preset_ref, Preset)
+              else get_preset(preset_ref, database_url=database_url))
+    _checked_features(preset.features, _stored(preset))
+    gen = _generation(generation, preset.generation, _stored(preset))
     seed = int(gen["seed"] if seed is None else seed)
     if not prompt or not prompt.strip():
         raise UsageError("steer needs a non-empty prompt")
@@ -206,11 +290,11 @@ def steer(preset_ref: str, prompt: str, *, seed: int | None = None, lm=None,
     if ids.shape[1] + int(gen["max_new_tokens"]) > lm.context_limit:
         raise UsageError(f"the prompt is {ids.shape[1]} tokens; with {gen['max_new_tokens']} new "
                          f"tokens that is longer than the model's context ({lm.context_limit})")
-    default = _generate(lm, ids, gen, seed)
-    with apply_preset(lm, preset, database_url=database_url):
-        steered = _generate(lm, ids, gen, seed)
+    default = _generate(lm, ids, gen, seed, streamer and streamer("default"))
+    with apply_preset(lm, preset, database_url=database_url, load=load):
+        steered = _generate(lm, ids, gen, seed, streamer and streamer("steered"))
     run_id = 0
-    if store:
+    if store and preset.id:
         def write() -> int:
             with db.session(database_url, write=True) as s:
                 row = SteeringRun(preset_id=preset.id, prompt=prompt, seed=seed,

@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any
 from saereg.registry.catalog.queries import VersionInfo, referenced_blobs, referenced_trees
 from saereg.registry.catalog.store import ArtifactStore, age_ok
 from saereg.registry.catalog.writes import Catalog
-from saereg.registry.errors import DeprecatedVersionWarning, MirrorError, UsageError
+from saereg.registry.errors import (DeprecatedVersionWarning, DestinationError, MirrorError,
+                                    UsageError)
 from saereg.registry.refs import parse_ref
 from saereg.registry.sae.folder import write_atomic_dir
 
@@ -63,7 +64,9 @@ def register_from_folder(path: str | Path, name: str, *, model: str | None = Non
                          store_url: str | None = None) -> VersionInfo:
     """Register an SAE folder (this project's or SAELens's layout) as the next version of
     ``name``. ``model`` and ``hook`` are needed only when ``cfg.json`` does not name them;
-    ``metrics`` adds to (or replaces) what a linked run provides. See
+    ``metrics`` adds to (or replaces) what a linked run provides; a value in it that is not a
+    finite number is refused, naming it (a NaN that comes from a run is left out, with a
+    warning). See
     :func:`register_from_run` for the rest."""
     cat = Catalog(database_url, store_url=store_url, tracking_uri=tracking_uri)
     return cat.register_folder(path, name, model=model, hook=hook, tags=tags, note=note,
@@ -110,12 +113,11 @@ def convert_sae(ref: str, dest: str | Path, *, to: str = "saelens",
 
     if to not in EXPORT_FORMATS:
         raise UsageError(f"cannot export to {to!r}; use one of {', '.join(EXPORT_FORMATS)}")
+    dest = Path(dest).expanduser().absolute()
+    _check_destination(dest, overwrite)
     sae = load_sae(ref)
     if to == "sparsify":
         return export_sparsify(sae, dest, overwrite=overwrite)
-    dest = Path(dest).expanduser()
-    if dest.exists() and not overwrite:
-        raise UsageError(f"{dest} already exists (pass --force to replace it)")
     return save_sae(sae, dest, overwrite=overwrite)
 
 
@@ -147,7 +149,7 @@ def load_sae(ref: str | os.PathLike, device: str | torch.device = "cpu",
     _warn_if_deprecated(info)
     with tempfile.TemporaryDirectory(prefix="saereg-load-") as tmp:
         ArtifactStore(info.artifact_uri).materialize(info.files, tmp, link=True, where=info.ref)
-        sae = load_folder(tmp, device=device, dtype=dtype)
+        sae = load_folder(tmp, device=device, dtype=dtype, where=info.ref)
     sae.cfg.metadata.update(saereg_ref=info.ref, saereg_uid=info.uid)
     return sae
 
@@ -160,9 +162,8 @@ def export_sae(ref: str, dest: str | Path, *, overwrite: bool = False,
 
     info = Catalog(database_url).get(ref)
     _warn_if_deprecated(info)
-    dest = Path(dest).expanduser()
-    if dest.exists() and not overwrite:
-        raise UsageError(f"{dest} already exists (pass --force / overwrite=True to replace it)")
+    dest = Path(dest).expanduser().absolute()
+    _check_destination(dest, overwrite)
 
     def fill(tmp: Path) -> None:
         ArtifactStore(info.artifact_uri).materialize(info.files, tmp, where=info.ref)
@@ -172,7 +173,34 @@ def export_sae(ref: str, dest: str | Path, *, overwrite: bool = False,
             "files": {f.name: {"sha256": f.sha256, "size": f.size} for f in info.files},
         }, indent=2) + "\n")
 
-    return write_atomic_dir(dest, fill, overwrite=True)
+    try:
+        return write_atomic_dir(dest, fill, overwrite=True)
+    except OSError as e:
+        if not e.filename or not Path(e.filename).absolute().is_relative_to(dest.parent):
+            raise
+        raise DestinationError(f"cannot export to {dest}: {e.strerror or e} "
+                               f"({e.filename}); nothing was written") from None
+
+
+def _check_destination(dest: Path, overwrite: bool) -> None:
+    """Refuse, before anything is written, a destination that cannot become an export folder:
+    one that exists (unless ``overwrite``; even then only an SAE folder or an empty folder is
+    replaced, never a file), or one under a file or an unwritable folder."""
+    if dest.exists():
+        if not dest.is_dir():
+            raise DestinationError(f"cannot export to {dest}: it is a file, not a folder")
+        if not overwrite:
+            raise UsageError(f"{dest} already exists (pass --force / overwrite=True to "
+                             "replace it)")
+        if any(dest.iterdir()) and not (dest / "cfg.json").is_file():
+            raise UsageError(f"refusing to replace {dest}: it is not an SAE folder (no "
+                             "cfg.json) and --force would delete what it holds; choose "
+                             "a new folder")
+    ancestor = next(p for p in dest.parents if p.exists())
+    if not ancestor.is_dir():
+        raise DestinationError(f"cannot export to {dest}: {ancestor} is a file, not a folder")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise DestinationError(f"cannot export to {dest}: {ancestor} is not writable")
 
 
 @dataclass

@@ -158,6 +158,15 @@ class TrainingDivergedError(SaeRegError):
                          "the last good checkpoint is kept")
 
 
+class TrainingInterrupted(BaseException):
+    """Ctrl-C (SIGINT) stopped a training job; its folder keeps the last checkpoint for
+    ``saereg train --resume``. A ``BaseException`` like ``KeyboardInterrupt`` (``except
+    Exception`` does not swallow it), but not one: Lightning ends the process on a
+    ``KeyboardInterrupt`` before the job can record that it stopped. The CLI exits 130."""
+
+    exit_code = 130
+
+
 # -- catalog and artifact store ---------------------------------------------------------------
 
 def _ranges(numbers: Iterable[int]) -> str:
@@ -226,9 +235,35 @@ class CatalogBusyError(SaeRegError):
     """The catalog stayed locked (or kept failing to serialise) through every retry."""
 
 
+class CatalogUnavailableError(SaeRegError):
+    """The catalog database cannot be reached or opened: a server that refuses or does not
+    answer, a SQLite file whose folder is missing or not writable, a file that is not a
+    database. The message names the host and port or the path (never a password)."""
+
+
+class SchemaRevisionError(UsageError):
+    """A schema revision that does not exist, or is not a valid target from where the catalog
+    is (``db downgrade +1``); the message lists the known revisions."""
+
+
+class ConfirmationRequiredError(SaeRegError):
+    """A destructive change needs a yes and there is no terminal to ask on (pass ``--yes``)."""
+
+
+class DestinationError(SaeRegError):
+    """A destination path cannot be written (a file where a folder must be, a folder that is
+    not writable); nothing was written."""
+
+
 class MirrorError(SaeRegError):
     """The MLflow Model Registry side of a catalog change failed; the catalog was left as is."""
 
 
 class DeprecatedVersionWarning(UserWarning):
     """Loading a version that was deprecated (it still loads; the reason says what to use)."""
+
+
+class InputWarning(UserWarning):
+    """Input was accepted with an assumption, or with a part of it left out (an old SAELens
+    cfg.json without ``architecture`` read as ReLU, a non-finite run metric not copied); the
+    message names the file or value and says what was assumed or dropped."""

@@ -7,6 +7,11 @@ PUT), tag a revision, list refs, read repo info and trees, and download files
 snapshots: every commit maps paths to content. ``fail_next`` makes the next request to a route
 answer HTTP 500 (fault injection); ``tamper`` rewrites one file in a new commit without
 touching anything else (to test checksum verification).
+
+Hostile repos, as no honest hub would serve them: ``put_files`` commits any file names the
+client would refuse to upload (``../x/cfg.json``, ``/abs/cfg.json``) and any bytes, and
+``serve_instead`` makes downloads of one file answer other bytes than the commit (and so the
+tree listing, with its sizes and hashes) holds.
 """
 
 from __future__ import annotations
@@ -63,6 +68,7 @@ class HubState:
         self.failures: dict[str, int] = {}
         self.requests: list[tuple[str, str]] = []
         self.auth_headers: list[str] = []
+        self.substitutes: dict[tuple[str, str], bytes] = {}
         self._counter = itertools.count()
 
     def fail_next(self, route: str, times: int = 1) -> None:
@@ -88,6 +94,33 @@ class HubState:
             if files[path].lfs:
                 self.lfs_objects[files[path].oid] = data
             return self.new_commit(repo, head, files)
+
+    def put_files(self, repo_id: str, files: dict[str, bytes | None]) -> str:
+        """A new commit on main (of a repo made here if missing) where each path of ``files``
+        holds its bytes (``None``: deleted). Names are taken as given, unchecked; files named
+        ``*.safetensors`` or of ``lfs_threshold`` bytes and more are stored as LFS files."""
+        with self.lock:
+            repo = self.repos.get(repo_id)
+            if repo is None:
+                repo = self.repos[repo_id] = Repo(private=False)
+                self.new_commit(repo, None, {".gitattributes": Blob(GITATTRIBUTES, False)})
+            head = repo.branches["main"]
+            tree = dict(repo.commits[head])
+            for path, data in files.items():
+                if data is None:
+                    tree.pop(path, None)
+                    continue
+                blob = Blob(data, path.endswith(".safetensors") or len(data) >= self.lfs_threshold)
+                if blob.lfs:
+                    self.lfs_objects[blob.oid] = data
+                tree[path] = blob
+            return self.new_commit(repo, head, tree)
+
+    def serve_instead(self, repo_id: str, path: str, data: bytes) -> None:
+        """Downloads of ``path`` (at any revision) answer ``data``; the commit, the tree listing
+        and the download headers keep describing the committed file."""
+        with self.lock:
+            self.substitutes[(repo_id, path)] = data
 
 
 class HubError(Exception):
@@ -351,7 +384,8 @@ class Handler(BaseHTTPRequestHandler):
         headers = {"X-Repo-Commit": sha, "ETag": f'"{git_blob_sha1(blob.data)}"'}
         if blob.lfs:
             headers.update({"X-Linked-Etag": f'"{blob.oid}"', "X-Linked-Size": str(len(blob.data))})
-        self._send(200, blob.data, headers, "application/octet-stream")
+        data = self.state.substitutes.get((repo_id, path), blob.data)
+        self._send(200, data, headers, "application/octet-stream")
 
 
 class HubServer:

@@ -3,8 +3,9 @@
 Everything that can be checked is checked before anything is created (model, hooks, k < d_sae,
 token budget). A job lives in ``$SAEREG_HOME/runs/<job id>/``: ``job.json`` (config, MLflow run
 ids, status), ``checkpoints/last.ckpt`` and, when finished, ``saes/<sae id>/`` in the SAELens
-layout. A job that stops early (error, NaN, interrupt) marks its MLflow runs FAILED or KILLED and
-keeps its last good checkpoint; ``resume`` continues it with the same step count and runs.
+layout. A job that stops early keeps its last good checkpoint; an error or NaN marks it
+``"failed"`` and its MLflow runs FAILED, Ctrl-C marks it ``"interrupted"`` and its runs KILLED
+(the CLI exits 130); ``resume`` continues it with the same step count and runs.
 
 Data-parallel jobs (``devices x num_nodes`` > 1) run this in every process; only global rank 0
 does the above, the other processes just train (see :mod:`saereg.training.distributed`). Their
@@ -17,15 +18,18 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import signal
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from saereg.registry.errors import ConfigError, SaeRegError, TrainingDivergedError, redact
+from saereg.registry.errors import (ConfigError, SaeRegError, TrainingDivergedError,
+                                    TrainingInterrupted, redact)
 from saereg.registry.paths import runs_dir
 from saereg.training.config import TrainConfig, flat_params
 from saereg.training.corpus import DEFAULT_CORPUS_NAME, dataset_name
+from saereg.training.interrupt import sigint_raises
 
 
 @dataclass
@@ -214,66 +218,97 @@ def run_training(cfg: TrainConfig | None = None, *, resume: Path | None = None,
         state = {"job_id": job_id, "config": cfg.to_dict(), "status": "running", "runs": {}}
         _write_json(job_dir / "job.json", state)
 
-    try:
-        tracker = Tracker(cfg.experiment)
-    except SaeRegError as e:  # the tracking store is unreachable or refused the request
-        state.update(status="failed", error=redact(e)[:2000])
-        _write_json(job_dir / "job.json", state)
-        raise
-    if resume is None:
-        parent = tracker.start_run(cfg.run_name or f"job {state['job_id']}",
-                                   {"model": cfg.model, "dataset": dataset_name(cfg.dataset),
-                                    "tokens": str(cfg.tokens), "n_saes": str(len(cfg.saes))},
-                                   {"saereg.job_id": state["job_id"], "model": lm.name})
-        runs = {}
-        for spec in cfg.saes:
-            runs[spec.sae_id()] = tracker.start_run(
-                spec.sae_id(), flat_params(cfg, spec),
-                {"model": lm.name, "hook": spec.hook, "architecture": spec.architecture,
-                 "saereg.job_id": state["job_id"]}, parent_id=parent)
-        state.update(parent_run=parent, runs=runs)
-        _write_json(job_dir / "job.json", state)
-    else:
-        parent, runs = state["parent_run"], state["runs"]
-        for rid in [parent, *runs.values()]:
-            tracker.reopen(rid)
-        state["status"] = "running"
-        _write_json(job_dir / "job.json", state)
-
-    metadata = {spec.sae_id(): sae_metadata(cfg, lm, spec, runs[spec.sae_id()]) for spec in cfg.saes}
-    module = SAETrainingModule(cfg.to_dict(), d_ins, metadata)
-    dm = ActivationDataModule(lm, cfg, cache=lm if cfg.from_cache else None)
-    tracking = TrackingCallback(tracker, runs, parent)
-    trainer.callbacks.insert(0, tracking)  # the checkpoint callback stays last
-    if progress:
-        trainer.callbacks.insert(0, ProgressCallback(cfg.tokens, cfg.batch_tokens,
-                                                     stream=progress_stream))
-    if cfg.world_size > 1:
-        os.environ[JOB_ENV] = str(job_dir.resolve())  # the processes Lightning starts attach
-    try:
-        trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
-        if trainer.interrupted or trainer.global_step < cfg.total_steps:
-            raise SaeRegError(f"training stopped at step {trainer.global_step} of "
-                              f"{cfg.total_steps}; resume with: saereg train --resume {job_dir}")
-        ranks = _rank_report(trainer)
-        if ranks:
-            state["ranks"] = ranks  # what each process trained on, and its final state digest
-        results = finish(cfg, lm, module, tracker, runs, job_dir, progress_stream)
-    except BaseException as e:
-        tracking.mark_failed(e)
-        state["status"] = "failed"
-        state["error"] = redact(e)[:2000]
-        _write_json(job_dir / "job.json", state)
-        if isinstance(e, TrainingDivergedError):
-            barrier()  # the other processes stop at the same step; they exit after this
-        raise
-    finally:
-        os.environ.pop(JOB_ENV, None)
-    tracker.finish(parent)
+    tracking = None
+    with sigint_raises():
+        try:
+            tracker = Tracker(cfg.experiment)
+            parent, runs = _open_runs(tracker, cfg, lm, state, job_dir)
+            metadata = {spec.sae_id(): sae_metadata(cfg, lm, spec, runs[spec.sae_id()])
+                        for spec in cfg.saes}
+            module = SAETrainingModule(cfg.to_dict(), d_ins, metadata)
+            dm = ActivationDataModule(lm, cfg, cache=lm if cfg.from_cache else None)
+            tracking = TrackingCallback(tracker, runs, parent)
+            trainer.callbacks.insert(0, tracking)  # the checkpoint callback stays last
+            if progress:
+                trainer.callbacks.insert(0, ProgressCallback(cfg.tokens, cfg.batch_tokens,
+                                                             stream=progress_stream))
+            if cfg.world_size > 1:
+                os.environ[JOB_ENV] = str(job_dir.resolve())  # the processes Lightning starts attach
+            trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+            if trainer.interrupted or trainer.global_step < cfg.total_steps:
+                raise SaeRegError(f"training stopped at step {trainer.global_step} of "
+                                  f"{cfg.total_steps}; resume with: saereg train --resume {job_dir}")
+            ranks = _rank_report(trainer)
+            if ranks:
+                state["ranks"] = ranks  # what each process trained on, and its final state digest
+            results = finish(cfg, lm, module, tracker, runs, job_dir, progress_stream)
+            tracker.finish(parent)
+        except TrainingInterrupted:
+            raise _interrupted(cfg, trainer, tracking, state, job_dir) from None
+        except BaseException as e:
+            if tracking is not None:
+                tracking.mark_failed(e)
+            state["status"] = "failed"
+            state["error"] = redact(e)[:2000]
+            _write_json(job_dir / "job.json", state)
+            if isinstance(e, TrainingDivergedError):
+                barrier()  # the other processes stop at the same step; they exit after this
+            raise
+        finally:
+            os.environ.pop(JOB_ENV, None)
     state.update(status="finished", saes={r.sae_id: str(r.folder) for r in results})
     _write_json(job_dir / "job.json", state)
     return TrainResult(job_dir=job_dir, parent_run_id=parent, tracking_uri=redact(tracker.uri),
                        saes=results)
+
+
+def _open_runs(tracker, cfg: TrainConfig, lm, state: dict[str, Any],
+               job_dir: Path) -> tuple[str, dict[str, str]]:
+    """The job's parent run and one run per SAE: created on the job's first start (also when
+    an earlier start stopped before it had any), reopened on resume."""
+    state["status"] = "running"
+    state.pop("error", None)
+    state.pop("stopped_at_step", None)
+    if state.get("parent_run"):
+        parent, runs = state["parent_run"], state["runs"]
+        for rid in [parent, *runs.values()]:
+            tracker.reopen(rid)
+        _write_json(job_dir / "job.json", state)
+        return parent, runs
+    parent = tracker.start_run(cfg.run_name or f"job {state['job_id']}",
+                               {"model": cfg.model, "dataset": dataset_name(cfg.dataset),
+                                "tokens": str(cfg.tokens), "n_saes": str(len(cfg.saes))},
+                               {"saereg.job_id": state["job_id"], "model": lm.name})
+    runs = {}
+    for spec in cfg.saes:
+        runs[spec.sae_id()] = tracker.start_run(
+            spec.sae_id(), flat_params(cfg, spec),
+            {"model": lm.name, "hook": spec.hook, "architecture": spec.architecture,
+             "saereg.job_id": state["job_id"]}, parent_id=parent)
+    state.update(parent_run=parent, runs=runs)
+    _write_json(job_dir / "job.json", state)
+    return parent, runs
+
+
+def _interrupted(cfg: TrainConfig, trainer, tracking, state: dict[str, Any],
+                 job_dir: Path) -> TrainingInterrupted:
+    """Record a job that Ctrl-C stopped (job.json ``"interrupted"``, its runs KILLED, its
+    checkpoint kept) and return the one-line error that says how to resume it."""
+    step = int(trainer.global_step)
+    job_id = state["job_id"]
+    has_ckpt = (job_dir / "checkpoints" / "last.ckpt").is_file()
+    message = (f"training job {job_id} interrupted at step {step} of {cfg.total_steps}; "
+               + ("its last checkpoint is kept" if has_ckpt else "no checkpoint yet, it restarts "
+                  "from step 0") + f"; resume with: saereg train --resume {job_id}")
+    if tracking is not None:
+        tracking.mark_failed(TrainingInterrupted(message))
+    kill = getattr(trainer.strategy.launcher, "kill", None)
+    if cfg.world_size > 1 and kill is not None:
+        kill(getattr(signal, "SIGKILL", signal.SIGTERM))  # the processes Lightning started
+    state.update(status="interrupted", stopped_at_step=step)
+    state.pop("error", None)
+    _write_json(job_dir / "job.json", state)
+    return TrainingInterrupted(message)
 
 
 def train_worker(cfg: TrainConfig, lm, d_ins: dict[str, int], trainer, ckpt_path: str | None):

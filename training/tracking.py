@@ -19,7 +19,7 @@ from pathlib import Path
 import lightning as L
 
 from saereg.registry.catalog.mlflow_mirror import ensure_tracking_store
-from saereg.registry.errors import SaeRegError, redact
+from saereg.registry.errors import SaeRegError, TrainingInterrupted, redact
 from saereg.registry.paths import mlflow_artifact_root
 
 _NO_URL_PRINT = "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"
@@ -134,7 +134,8 @@ class Tracker:
 
 
 class TrackingCallback(L.Callback):
-    """Sends the module's step metrics to each SAE's run; marks every run FAILED on error."""
+    """Sends the module's step metrics to each SAE's run; marks every run FAILED on error
+    (KILLED on Ctrl-C)."""
 
     def __init__(self, tracker: Tracker, run_ids: dict[str, str], parent_id: str | None):
         self.tracker = tracker
@@ -155,6 +156,8 @@ class TrackingCallback(L.Callback):
         self.mark_failed(exception)
 
     def mark_failed(self, exception: BaseException | None = None) -> None:
+        """Close every run: KILLED when Ctrl-C stopped the job, otherwise FAILED."""
+        interrupted = isinstance(exception, (KeyboardInterrupt, TrainingInterrupted))
         for rid in [*self.run_ids.values(), self.parent_id]:
             if rid is None:
                 continue
@@ -162,7 +165,7 @@ class TrackingCallback(L.Callback):
                 self.tracker.flush(rid)
                 if exception is not None:
                     self.tracker.set_tag(rid, "error", redact(exception)[:5000])
-                self.tracker.finish(rid, status="FAILED")
+                self.tracker.finish(rid, status="KILLED" if interrupted else "FAILED")
             except Exception:  # noqa: BLE001 - never hide the original error
                 pass
 

@@ -5,7 +5,8 @@ Every command module is imported here directly. Each imports only click and ligh
 modules at module level and the library inside its commands, so ``saereg --help`` loads neither
 torch, transformers nor mlflow. Bad parameters exit 2: a :class:`ConfigError` that names a
 config field is shown as a usage error naming the option that sets that field (``architecture``
--> ``--arch``). Every other known failure exits 1 with one line.
+-> ``--arch``). Every other known failure exits 1 with one line. Ctrl-C exits 130: a training
+job says where it stopped and how to resume it, anything else says "interrupted".
 """
 
 from __future__ import annotations
@@ -20,11 +21,13 @@ from saereg.commands.features import analyze, explain_prompt, feature, label, se
 from saereg.commands.formats import sae_convert, sae_import
 from saereg.commands.options import command_context, flag_for
 from saereg.commands.sae import db, gc, sae
+from saereg.commands.serve import serve
 from saereg.commands.steer import preset, steer
 from saereg.commands.study import eval_cmd, neighbors
 from saereg.commands.sync import sync
 from saereg.commands.train import models, quickstart, train
-from saereg.registry.errors import ConfigError, SaeRegError, UsageError, redact
+from saereg.registry.errors import (ConfigError, SaeRegError, TrainingInterrupted, UsageError,
+                                    redact)
 
 
 def option_usage_error(error: ConfigError, ctx: click.Context) -> click.UsageError:
@@ -51,6 +54,12 @@ class SaeRegGroup(click.Group):
             raise click.UsageError(redact(e), command_context(ctx)) from e
         except SaeRegError as e:
             raise click.ClickException(redact(e)) from e
+        except TrainingInterrupted as e:  # the job has recorded where it stopped
+            click.echo(redact(e), err=True)  # one line: the job id and how to resume it
+            raise click.exceptions.Exit(e.exit_code) from None
+        except KeyboardInterrupt:  # click itself would say "Aborted!" and exit 1
+            click.echo("interrupted", err=True)
+            raise click.exceptions.Exit(130) from None
 
 
 @click.group(cls=SaeRegGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -67,7 +76,7 @@ def cli() -> None:
 sae.add_command(sae_import)  # foreign layouts in and out, beside the catalog commands
 sae.add_command(sae_convert)
 for command in (models, train, cache, quickstart, sae, db, gc, sync, analyze, feature, label,
-                search, explain_prompt, preset, steer, neighbors, eval_cmd):
+                search, explain_prompt, preset, steer, neighbors, eval_cmd, serve):
     cli.add_command(command)
 
 

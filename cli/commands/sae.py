@@ -27,7 +27,7 @@ def _tag_filters(_ctx, _param, values) -> dict[str, str | None]:
 
 
 def _duration(_ctx, _param, value: str) -> float:
-    m = re.fullmatch(r"\s*([0-9.]+)\s*([smhd]?)\s*", str(value))
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([smhd]?)\s*", str(value))
     if not m:
         raise click.BadParameter(f"{value!r} is not a duration (examples: 0, 90s, 30m, 1h, 2d)")
     return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
@@ -51,10 +51,21 @@ def _engine():
     return catalog_db.get_engine(check_schema=False)
 
 
-@db.command("upgrade")
+class _StepsCommand(click.Command):
+    """Reads ``-1``, ``-2``, ... as the REVISION argument (a number of steps), not as options."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if "--" not in args:
+            steps = [a for a in args if re.fullmatch(r"-\d+", a)]
+            args = [a for a in args if a not in steps] + (["--", *steps] if steps else [])
+        return super().parse_args(ctx, args)
+
+
+@db.command("upgrade", cls=_StepsCommand)
 @click.argument("revision", default="head")
 def db_upgrade(revision: str) -> None:
-    """Migrate the catalog up to REVISION (default: head)."""
+    """Migrate the catalog up to REVISION: a revision id (or a unique prefix of one, e.g.
+    0003), head (the default), or +N for N steps up. `saereg db history` lists them."""
     from saereg.registry.catalog import db as catalog_db
     from saereg.registry.catalog import migrate
 
@@ -65,20 +76,49 @@ def db_upgrade(revision: str) -> None:
     click.echo(f"{catalog_db.safe_url(str(engine.url))}: {before or 'empty'} -> {after}")
 
 
-@db.command("downgrade")
+@db.command("downgrade", cls=_StepsCommand)
 @click.argument("revision", default="-1")
-def db_downgrade(revision: str) -> None:
-    """Migrate the catalog down to REVISION (default: one step; `base` removes everything)."""
+@click.option("--yes", "-y", is_flag=True,
+              help="Drop without asking (needed when there is no terminal to ask on).")
+def db_downgrade(revision: str, yes: bool) -> None:
+    """Migrate the catalog down to REVISION: -N for N steps down (the default is -1, one
+    step; `saereg db downgrade -2` works as written), a revision id, or base (removes the whole
+    catalog).
+
+    First lists the tables and columns the steps drop, with their row counts, and asks; --yes
+    skips the question. Without a terminal and without --yes nothing is changed."""
     from saereg.registry.catalog import db as catalog_db
     from saereg.registry.catalog import migrate
+    from saereg.registry.errors import ConfirmationRequiredError
 
     engine = _engine()
-    before = migrate.current_revision(engine)
-    if before is None:
-        raise UsageError("the catalog is empty; nothing to downgrade")
-    migrate.downgrade_engine(engine, revision)
+    where = catalog_db.safe_url(str(engine.url))
+    plan = migrate.plan_downgrade(engine, revision)
+    if not plan.steps:
+        click.echo(f"{where}: already at {plan.current}; nothing to downgrade")
+        return
+    change = f"{plan.current} -> {plan.target or 'base (empty)'}"
+    if not yes and not _interactive():
+        raise ConfirmationRequiredError(
+            f"refusing to downgrade {where} ({change}) without confirmation: it "
+            f"{plan.summary()}; pass --yes to proceed")
+    click.echo(f"{where}: downgrade {change} {plan.summary()}"
+               if not plan.drops else f"{where}: downgrade {change} drops:")
+    for drop in plan.drops:
+        click.echo(f"  {drop}")
+    if not yes:
+        click.confirm(f"Downgrade, dropping {plan.rows} row{'s' * (plan.rows != 1)} in all?",
+                      abort=True)
+    migrate.downgrade_engine(engine, plan.target or "base")
     after = migrate.current_revision(engine)
-    click.echo(f"{catalog_db.safe_url(str(engine.url))}: {before} -> {after or 'empty'}")
+    click.echo(f"{where}: {plan.current} -> {after or 'empty'}")
+
+
+def _interactive() -> bool:
+    """Whether there is a person at a terminal to answer a question."""
+    import sys
+
+    return sys.stdin.isatty()
 
 
 @db.command("current")
@@ -132,13 +172,16 @@ def sae_register(path, run_id, name, model, hook, tags, note, parent) -> None:
     if (path is None) == (run_id is None):
         raise UsageError("give either an SAE folder PATH or --run RUN_ID (exactly one)")
     cat = Catalog()
-    if run_id:
-        if model or hook:
-            raise UsageError("--model and --hook apply to folders; a run names its own")
-        v = cat.register_run(run_id, name, tags=tags, note=note, parent=parent)
-    else:
-        v = cat.register_folder(path, name, model=model, hook=hook, tags=tags, note=note,
-                                parent=parent)
+    if run_id and (model or hook):
+        raise UsageError("--model and --hook apply to folders; a run names its own")
+    with warnings.catch_warnings(record=True) as caught:  # assumptions made, metrics dropped
+        warnings.simplefilter("always")
+        if run_id:
+            v = cat.register_run(run_id, name, tags=tags, note=note, parent=parent)
+        else:
+            v = cat.register_folder(path, name, model=model, hook=hook, tags=tags, note=note,
+                                    parent=parent)
+    _echo_warnings(caught)
     total = sum(f.size for f in v.files)
     click.echo(f"registered {v.ref} ({v.model} {v.hook}, {v.architecture}, d_sae {v.d_sae}; "
                f"{len(v.files)} files, {total:,} bytes; MLflow model version "

@@ -1,10 +1,23 @@
-"""`saereg preset` and `saereg steer`; the library is imported inside each command."""
+"""`saereg preset` and `saereg steer`; the library is imported inside each command.
+
+Each numeric option is a :class:`~saereg.commands.options.FieldOption` naming the library
+argument it sets, so that a value the library refuses (a NaN or infinite ``--strength`` or
+``--temperature``) exits 2 naming the option.
+"""
 
 from __future__ import annotations
 
 import textwrap
 
 import click
+
+from saereg.commands.options import FieldOption
+
+
+def _setting(flag: str, field: str, type_, help_: str | None = None):
+    """An option that sets the library argument or generation setting ``field``."""
+    return click.option(flag, field, cls=FieldOption, field=field, type=type_, default=None,
+                        help=help_)
 
 
 def _feature(text: str) -> tuple[str | None, int, float | None]:
@@ -25,20 +38,22 @@ def preset():
 @click.argument("name")
 @click.option("--sae", "ref", default=None, help="SAE version the features belong to.")
 @click.option("--feature", "features", multiple=True, help="INDEX or REF:INDEX (repeatable).")
-@click.option("--strength", "strengths", multiple=True, type=float,
-              help="One per --feature, or one for all.")
+@click.option("--strength", "strengths", multiple=True, type=float, cls=FieldOption,
+              field="strength", help="One per --feature, or one for all (a finite number; "
+              "default 8).")
 @click.option("--method", type=click.Choice(["add", "clamp"]), default=None)
-@click.option("--max-new-tokens", type=int, default=None)
-@click.option("--temperature", type=float, default=None)
-@click.option("--top-k", type=int, default=None)
-@click.option("--seed", type=int, default=None)
+@_setting("--max-new-tokens", "max_new_tokens", int)
+@_setting("--temperature", "temperature", float, "Sampling temperature (finite, >= 0; 0 is "
+          "greedy).")
+@_setting("--top-k", "top_k", int)
+@_setting("--seed", "seed", int)
 def preset_create(name, ref, features, strengths, method, max_new_tokens, temperature, top_k,
                   seed):
     """Create preset NAME, or its next version (edit) when it exists."""
     from saereg.analysis.steering import create_preset
     from saereg.registry.errors import UsageError
 
-    if features and len(strengths) not in (1, len(features)):
+    if features and len(strengths) not in (0, 1, len(features)):
         raise UsageError("give one --strength, or one per --feature")
     feats = [(r, i, strengths[min(n, len(strengths) - 1)] if strengths else 8.0)
              for n, (r, i, _) in enumerate(map(_feature, features))]
@@ -65,8 +80,8 @@ def preset_show(name):
 @click.command()
 @click.argument("prompt")
 @click.option("--preset", "preset_ref", required=True, help="NAME or NAME@N.")
-@click.option("--seed", type=int, default=None)
-@click.option("--max-new-tokens", type=int, default=None)
+@_setting("--seed", "seed", int)
+@_setting("--max-new-tokens", "max_new_tokens", int)
 def steer(prompt, preset_ref, seed, max_new_tokens):
     """Print the default and the steered continuation of PROMPT side by side (same seed)."""
     from saereg.analysis.steering import steer as run

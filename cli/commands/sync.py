@@ -22,7 +22,8 @@ def sync() -> None:
 @sync.command("push")
 @click.argument("ref")
 @click.option("--repo", required=True, help="Hub repo id, ORG/NAME (created if missing).")
-@click.option("--path", default=None, help="Folder in the repo (default: the SAE name).")
+@click.option("--path", default=None,
+              help="Folder in the repo, relative to its root (default: the SAE name).")
 @click.option("--private", is_flag=True, help="Create the repo private.")
 @click.option("--all", "all_versions", is_flag=True,
               help="REF is an SAE name: push every version not yet published.")
@@ -44,7 +45,8 @@ def sync_push(ref: str, repo: str, path: str | None, private: bool, all_versions
 
 @sync.command("pull")
 @click.argument("spec", metavar="ORG/NAME[@REV]")
-@click.option("--path", default=None, help="Only the SAE folder(s) under this path.")
+@click.option("--path", default=None,
+              help="Only the SAE folder(s) under this folder of the repo (relative to its root).")
 @click.option("--name", default=None, help="Catalog name for the pulled SAE (one folder only).")
 def sync_pull(spec: str, path: str | None, name: str | None) -> None:
     """Register the SAEs of a Hub repo into the local catalog, checksums verified."""

@@ -163,12 +163,24 @@ def _job_dir(ref: str) -> Path:
 @click.option("--tokens", type=Count(), default=str(QUICKSTART["tokens"]), show_default=True)
 @click.option("--hook", default=QUICKSTART["hook"], show_default=True)
 @click.option("--no-progress", is_flag=True)
-@click.option("--register", default=None, metavar="NAME", help="Register the SAE as NAME.")
-def quickstart(tokens: int, hook: str, no_progress: bool, register: str | None) -> None:
+@click.option("--register", default=None, metavar="NAME",
+              help="Register the SAE as NAME (default: smollm2-l<layer>-topk).")
+@click.option("--stats-tokens", type=Count(), default="32K", show_default=True,
+              help="Tokens of the stats pass over the registered SAE.")
+def quickstart(tokens: int, hook: str, no_progress: bool, register: str | None,
+               stats_tokens: int) -> None:
     """Train a TopK SAE (k=32, 8x) on a middle layer of the packaged SmolLM2-135M-Instruct,
-    on the offline default corpus, then print where to look.
+    on the offline default corpus; register it, study its features (a stats pass and the
+    offline heuristic labels), then print where to look: `saereg serve` and the page of its
+    first live feature.
 
     Small batches (1024 tokens) and lr 1e-3 make the most of a short CPU budget."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from saereg.analysis.labels import label_heuristic
+    from saereg.analysis.stats import AnalyzeConfig, analyze
+    from saereg.registry.api import get_version
     from saereg.training.config import SAETrainConfig, TrainConfig
     from saereg.training.job import run_training
 
@@ -177,7 +189,29 @@ def quickstart(tokens: int, hook: str, no_progress: bool, register: str | None) 
                       run_name="quickstart", saes=[
         SAETrainConfig(hook=hook, architecture="topk", k=q["k"], expansion=q["expansion"],
                        lr=q["lr"], dead_tokens=q["dead_tokens"])])
-    _finish(run_training(cfg, progress=not no_progress), register)
+    stats = AnalyzeConfig(tokens=stats_tokens)
+    result = run_training(cfg, progress=not no_progress)
+    if result is None:  # a data-parallel process of rank > 0
+        return
+    _report(result)
+    layer = re.fullmatch(r"(?:(?:model\.)?layers\.)?(\d+)", hook)
+    name = register or ("smollm2-" + (f"l{layer.group(1)}" if layer else
+                                      re.sub(r"[^A-Za-z0-9]+", "-", hook).strip("-")) + "-topk")
+    register_results(result, name)
+    ref = get_version(name).ref  # the version just registered: the newest, and ready
+    run_id = analyze(ref, stats, progress=not no_progress)
+    made = label_heuristic(ref)
+    first = min((lab.feature_index for lab in made), default=0)
+    url = f"http://127.0.0.1:8000/sae/{ref}/feature/{first}"
+    table = Table(title="Browse what quickstart made", title_justify="left", show_header=False)
+    table.add_column(style="bold")
+    table.add_column(overflow="fold")
+    table.add_row("SAE", ref)
+    table.add_row("stats", f"run {run_id}: {stats.tokens:,} tokens")
+    table.add_row("labels", f"{len(made)} heuristic labels (every live feature)")
+    table.add_row("serve", "saereg serve")
+    table.add_row("open", url)
+    Console(highlight=False).print(table)
 
 
 def _report(result) -> None:

@@ -22,11 +22,12 @@ from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 from sqlalchemy import create_engine, event
-from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.engine import URL, Engine, make_url
+from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
 from sqlalchemy.orm import Session
 
-from saereg.registry.errors import CatalogBusyError, CatalogNotMigratedError
+from saereg.registry.errors import (CatalogBusyError, CatalogNotMigratedError,
+                                    CatalogUnavailableError, UsageError, redact)
 from saereg.registry.paths import saereg_home
 
 T = TypeVar("T")
@@ -46,15 +47,24 @@ def database_url() -> str:
     url = os.environ.get("SAEREG_DATABASE_URL")
     if url:
         return url
-    return f"sqlite:///{saereg_home() / 'catalog.db'}"
+    return _default_url()
+
+
+URL_EXAMPLES = ("postgresql+psycopg://localhost:5432/saereg", "sqlite:////path/to/catalog.db")
 
 
 def safe_url(url: str) -> str:
     """The URL with any password hidden (for messages)."""
     try:
-        return make_url(url).render_as_string(hide_password=True)
+        return redact(make_url(url).render_as_string(hide_password=True))
     except Exception:  # noqa: BLE001 - an unparsable URL is shown without its credentials part
-        return url.split("@")[-1]
+        return redact(url.split("@")[-1])
+
+
+def _url_source(url: str) -> str:
+    """What set ``url``, for messages: the environment variable, or the caller."""
+    return ("SAEREG_DATABASE_URL" if url == os.environ.get("SAEREG_DATABASE_URL")
+            else "the catalog database URL")
 
 
 def get_engine(url: str | None = None, *, check_schema: bool = True) -> Engine:
@@ -80,12 +90,25 @@ def dispose_all() -> None:
 
 
 def _create_engine(url: str) -> Engine:
-    parsed = make_url(url)
+    source = _url_source(url)
+    try:
+        parsed = make_url(url)
+        if parsed.get_backend_name() != "sqlite":
+            engine = create_engine(url, pool_pre_ping=True)
+        else:
+            _check_sqlite_folder(url, parsed.database, source)
+            engine = create_engine(url, connect_args={"timeout": BUSY_TIMEOUT_MS / 1000})
+    except (ArgumentError, NoSuchModuleError, ValueError) as e:
+        raise UsageError(
+            f"{source}={redact(url)!r} is not a database URL this installation can use "
+            f"({redact(' '.join(str(e).split()))}); examples: {', '.join(URL_EXAMPLES)}"
+        ) from None
+    except ImportError as e:
+        raise UsageError(f"{source}={safe_url(url)!r} needs the database driver "
+                         f"{e.name or e}, which is not installed") from None
+    _explain_connect_errors(engine, parsed, source)
     if parsed.get_backend_name() != "sqlite":
-        return create_engine(url, pool_pre_ping=True)
-    if parsed.database and parsed.database != ":memory:":
-        os.makedirs(os.path.dirname(os.path.abspath(parsed.database)), exist_ok=True)
-    engine = create_engine(url, connect_args={"timeout": BUSY_TIMEOUT_MS / 1000})
+        return engine
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn, _record):  # noqa: ANN001
@@ -104,6 +127,66 @@ def _create_engine(url: str) -> Engine:
         conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
 
     return engine
+
+
+def _check_sqlite_folder(url: str, database: str | None, source: str) -> None:
+    """The folder of a SQLite catalog file must exist and be writable (SQLite writes its WAL
+    and lock files beside the catalog). Only the default catalog's folder, in SAEREG_HOME, is
+    created; a folder that another URL names is more likely a typo than a wish."""
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return
+    folder = os.path.dirname(os.path.abspath(database))
+    if (not os.path.isdir(folder) and not os.environ.get("SAEREG_DATABASE_URL")
+            and url == _default_url()):  # the default catalog: its folder, SAEREG_HOME, is made
+        return
+    if not os.path.isdir(folder):
+        what = "is a file, not a folder" if os.path.exists(folder) else "does not exist"
+        raise CatalogUnavailableError(
+            f"cannot open the SQLite catalog {database}: its folder {folder} {what}; "
+            f"create the folder or fix {source}")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise CatalogUnavailableError(
+            f"cannot open the SQLite catalog {database}: its folder {folder} is not writable "
+            f"(SQLite writes its journal there); fix the permissions or {source}")
+
+
+def _default_url() -> str:
+    try:
+        home = saereg_home()
+    except OSError as e:
+        raise CatalogUnavailableError(
+            f"cannot create SAEREG_HOME {e.filename or ''}: {e.strerror or e}; point "
+            "SAEREG_HOME at a folder you can write, or set SAEREG_DATABASE_URL") from None
+    return f"sqlite:///{home / 'catalog.db'}"
+
+
+def _explain_connect_errors(engine: Engine, parsed: URL, source: str) -> None:
+    """Turn a failure to connect (refused, unknown host, bad password, unopenable file) into
+    one :class:`CatalogUnavailableError` naming the host and port, or the file, with the
+    credentials redacted. Errors on an open connection, busy answers and the pool's
+    pre-ping (which reconnects by itself) pass through unchanged."""
+    password = parsed.password
+
+    @event.listens_for(engine, "handle_error")
+    def _on_error(ctx) -> None:  # ctx: an ExceptionContext
+        if ctx.connection is not None or ctx.is_pre_ping or is_retryable(ctx.original_exception):
+            return
+        reason = redact(" ".join(str(ctx.original_exception).split()), password)
+        if parsed.get_backend_name() == "sqlite":
+            path = os.path.abspath(parsed.database or "")
+            if os.path.isdir(path):
+                hint = "it is a folder, not a file"
+            elif "not a database" in reason:
+                hint = "it is not an SQLite file"
+            else:
+                hint = f"check that its folder {os.path.dirname(path)} is writable"
+            raise CatalogUnavailableError(
+                f"cannot open the SQLite catalog {path} ({source}): {reason}; {hint}") from None
+        port = parsed.port or {"postgresql": 5432, "mysql": 3306}.get(parsed.get_backend_name())
+        where = (parsed.host or "localhost") + (f":{port}" if port else "")
+        raise CatalogUnavailableError(
+            f"cannot connect to the catalog database at {where} ({safe_url(str(parsed))}, "
+            f"from {source}): {reason}") from None
 
 
 @contextlib.contextmanager

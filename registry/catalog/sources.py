@@ -1,21 +1,34 @@
 """What a registration reads: an SAE folder (this project's or SAELens's), or an MLflow run.
 
 Everything here only reads and checks; nothing is written. A folder is checked without torch:
-``cfg.json`` is parsed and the shapes come from the safetensors header, so a folder whose
-config disagrees with its tensors is refused before a single byte is stored.
+``cfg.json`` is parsed, the shapes come from the safetensors header and every floating-point
+tensor is read once (in chunks, with numpy) for NaN and infinite values, so a folder whose
+config disagrees with its tensors, or whose weights are not finite, is refused before a single
+byte is stored.
+
+Metrics follow one rule (:func:`given_metrics`, :func:`finite_metrics`): metrics a caller
+passes in are input and a non-finite one is refused, naming it; metrics read from a source (an
+MLflow run's final metrics, a Hub record) that are NaN or infinite are legitimate there (an
+evaluation can yield NaN) but are not copied into the catalog, with an :class:`InputWarning`
+naming each one, so that neither the metrics JSON nor a key-metric column ever holds NaN. The
+run itself keeps them.
 """
 
 from __future__ import annotations
 
 import json
 import struct
+import warnings
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from saereg.registry.errors import NotFoundError, SAEFormatError, SaeRegError, UsageError, redact
+from saereg.registry.errors import (ConfigError, InputWarning, NotFoundError, SAEFormatError,
+                                    SaeRegError, UsageError, redact)
 from saereg.registry.sae.architectures import ARCHITECTURE_ALIASES
-from saereg.registry.sae.checks import check_shapes, read_json_object
+from saereg.registry.sae.checks import (check_shapes, file_architecture, finite_number,
+                                        nonfinite_in_json, read_json_object, refuse_nonfinite)
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
@@ -23,6 +36,8 @@ SPARSITY_FILE = "sparsity.safetensors"
 SAE_FILES = (CFG_FILE, WEIGHTS_FILE, SPARSITY_FILE)
 RUN_ARTIFACT = "sae"
 MAX_HEADER = 100 << 20
+FLOAT_DTYPES = {"F16": "<f2", "BF16": "<u2", "F32": "<f4", "F64": "<f8"}  # safetensors -> numpy
+CHUNK_BYTES = 16 << 20  # read per step when scanning tensor values
 
 
 @dataclass
@@ -62,8 +77,54 @@ def safetensors_header(path: Path) -> dict[str, Any]:
     return header
 
 
+def _floats(raw: bytes, dtype: str):
+    """The values of a safetensors float tensor's bytes as a numpy array (bf16 widened)."""
+    import numpy as np
+
+    values = np.frombuffer(raw, FLOAT_DTYPES[dtype])
+    return (values.astype(np.uint32) << 16).view(np.float32) if dtype == "BF16" else values
+
+
+def _tensor_chunks(path: Path, info: Mapping[str, Any]) -> Iterator[Any]:
+    """The values of one float tensor of the safetensors file ``path``, a chunk at a time."""
+    try:
+        start, end = (int(x) for x in info["data_offsets"])
+    except (KeyError, TypeError, ValueError):
+        raise SAEFormatError(f"{path} is not a readable safetensors file: a tensor has no "
+                             "valid data_offsets") from None
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        f.seek(8 + n + start)
+        left = end - start
+        while left > 0:
+            want = min(left, CHUNK_BYTES)
+            raw = f.read(want)
+            if len(raw) < want:
+                raise SAEFormatError(f"{path} ends before the data of its tensors; the file is "
+                                     "truncated")
+            left -= want
+            yield _floats(raw, info["dtype"])
+
+
+def check_finite_tensors(path: Path, header: Mapping[str, Any], doing: str = "register") -> None:
+    """Refuse a weights file with a NaN or infinite value in any floating-point tensor, naming
+    the file and the tensor (read in chunks: memory stays small for any size)."""
+    import numpy as np
+
+    for name, info in header.items():
+        if info.get("dtype") not in FLOAT_DTYPES:
+            continue
+        nan = inf = 0
+        for values in _tensor_chunks(path, info):
+            nan += int(np.isnan(values).sum())
+            inf += int(np.isinf(values).sum())
+        if nan or inf:
+            refuse_nonfinite(path, name, nan, inf, doing)
+
+
 def read_log10_rates(path: Path, d_sae: int) -> list[float]:
-    """The ``sparsity`` tensor (log10 firing rate per latent) as floats, without torch."""
+    """The ``sparsity`` tensor (log10 firing rate per latent) as floats, without torch. A
+    latent that never fired may be ``-inf``; NaN and ``+inf`` are refused."""
     import numpy as np
 
     header = safetensors_header(path)
@@ -73,19 +134,43 @@ def read_log10_rates(path: Path, d_sae: int) -> list[float]:
     shape = [int(s) for s in info["shape"]]
     if int(np.prod(shape)) != d_sae:
         raise SAEFormatError(f"{path}: sparsity has shape {shape} but d_sae is {d_sae}")
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        start, end = info["data_offsets"]
-        f.seek(8 + n + start)
-        raw = f.read(end - start)
     dtype = info["dtype"]
-    if dtype == "BF16":
-        values = (np.frombuffer(raw, "<u2").astype(np.uint32) << 16).view(np.float32)
-    elif dtype in ("F16", "F32", "F64"):
-        values = np.frombuffer(raw, {"F16": "<f2", "F32": "<f4", "F64": "<f8"}[dtype])
-    else:
+    if dtype not in FLOAT_DTYPES:
         raise SAEFormatError(f"{path}: sparsity has unsupported dtype {dtype}")
-    return [float(v) for v in values.astype(np.float64)]
+    chunks = list(_tensor_chunks(path, info))
+    values = np.concatenate(chunks).astype(np.float64) if chunks else np.zeros(0)
+    bad = np.isnan(values) | (values == np.inf)
+    if bad.any():
+        raise SAEFormatError(f"{path}: sparsity holds {int(bad.sum())} NaN or +inf values "
+                             "(a log10 firing rate is at most 0, or -inf for a latent that "
+                             "never fired); refusing to register it")
+    return [float(v) for v in values]
+
+
+def given_metrics(metrics: Mapping[str, Any] | None) -> dict[str, float]:
+    """Metrics a caller passes to a registration, as floats; one that is not a finite number is
+    refused (:class:`ConfigError` naming the metric), before anything is stored."""
+    out = {}
+    for key, value in (metrics or {}).items():
+        out[str(key)] = finite_number(value, f"metrics[{key!r}]", field="metrics")
+    return out
+
+
+def finite_metrics(metrics: Mapping[str, Any], where: str) -> dict[str, float]:
+    """Metrics read from a source (``where`` names it) without the NaN and infinite ones, each
+    dropped with an :class:`InputWarning`: such a value is legitimate in MLflow, but the catalog
+    keeps only finite metrics (its key-metric columns are compared and sorted)."""
+    out, dropped = {}, []
+    for key, value in metrics.items():
+        try:
+            out[key] = finite_number(value, key)
+        except ConfigError:
+            dropped.append(f"{key}={value!r}")
+    if dropped:
+        warnings.warn(InputWarning(
+            f"{where}: metrics {', '.join(dropped)} are not finite numbers; not copied to the "
+            "catalog"), stacklevel=3)
+    return out
 
 
 def read_folder(folder: str | Path, *, model: str | None = None, hook: str | None = None,
@@ -98,14 +183,16 @@ def read_folder(folder: str | Path, *, model: str | None = None, hook: str | Non
     if not cfg_path.is_file():
         raise SAEFormatError(f"{folder} is not an SAE folder: {CFG_FILE} is missing")
     cfg = read_json_object(cfg_path)
+    bad = nonfinite_in_json(cfg)
+    if bad is not None:
+        raise SAEFormatError(f"{cfg_path}: {bad[0]} is {bad[1]}, which JSON cannot hold; "
+                             "refusing to register it")
     meta = cfg.get("metadata") if isinstance(cfg.get("metadata"), dict) else {}
     d_in, d_sae = cfg.get("d_in"), cfg.get("d_sae")
     for key, value in (("d_in", d_in), ("d_sae", d_sae)):
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise SAEFormatError(f"{cfg_path}: {key} must be a positive integer; got {value!r}")
-    file_arch = cfg.get("architecture", "standard")
-    if file_arch not in ARCHITECTURE_ALIASES:
-        raise SAEFormatError(f"{cfg_path}: unsupported architecture {file_arch!r}")
+    file_arch = file_architecture(cfg, cfg_path)
     arch = ARCHITECTURE_ALIASES.get(meta.get("training_architecture") or "",
                                     ARCHITECTURE_ALIASES[file_arch])
     if file_arch == "topk":
@@ -122,6 +209,7 @@ def read_folder(folder: str | Path, *, model: str | None = None, hook: str | Non
                      {name: t.get("shape", ()) for name, t in header.items()}, weights)
     except SAEFormatError as e:
         raise SAEFormatError(f"{e}; refusing to register it") from None
+    check_finite_tensors(weights, header)
     rates = None
     files = [CFG_FILE, WEIGHTS_FILE]
     if (folder / SPARSITY_FILE).is_file():

@@ -41,14 +41,33 @@ from saereg.registry.catalog.rows import (MirrorChanges, PublicationRecord, add_
 from saereg.registry.catalog.schema import (Alias, AliasEvent, CatalogMeta, LanguageModel,
                                             SAERecord, SAEVersion, VersionFile, VersionNote,
                                             VersionTag, utcnow)
-from saereg.registry.catalog.sources import Source, read_folder, read_run
+from saereg.registry.catalog.sources import (Source, finite_metrics, given_metrics, read_folder,
+                                             read_run)
 from saereg.registry.catalog.store import ArtifactStore, default_store_url
-from saereg.registry.errors import SAEMismatchError, UsageError
+from saereg.registry.errors import SAEMismatchError, SaeRegError, UsageError
 from saereg.registry.refs import (Ref, format_ref, parse_ref, validate_alias, validate_name,
                                   validate_tag_key)
 
 BINDING = ("model", "hook", "architecture", "d_in", "d_sae")
+MAX_NOTE_CHARS = 5000
+"""The longest version note, in characters: a registration's note is also the MLflow model
+version's description, which MLflow's database holds in 5000 characters."""
 T = TypeVar("T")
+
+
+def check_note(text: str | None) -> None:
+    """Refuse a version note longer than :data:`MAX_NOTE_CHARS` (None: no note)."""
+    if text is not None and len(text) > MAX_NOTE_CHARS:
+        raise UsageError(f"a note is at most {MAX_NOTE_CHARS} characters, got {len(text)}")
+
+
+class DuplicateVersionError(SaeRegError):
+    """A registration with ``same_files`` found, inside its write transaction, a version of the
+    SAE that already holds those files; nothing was written. ``ref`` names that version."""
+
+    def __init__(self, ref: str):
+        self.ref = ref
+        super().__init__(f"{ref} already holds these files; nothing was registered")
 
 
 class Catalog:
@@ -105,7 +124,9 @@ class Catalog:
     # -- registering --------------------------------------------------------------------------
     def register_run(self, run_id: str, name: str, *, tags: Mapping[str, str] | None = None,
                      note: str | None = None, parent: str | None = None) -> queries.VersionInfo:
-        """Register the SAE folder a training run logged as its ``sae/`` artifact."""
+        """Register the SAE folder a training run logged as its ``sae/`` artifact (its NaN or
+        infinite metrics are not copied: :func:`.sources.finite_metrics`)."""
+        check_note(note)
         self._precheck(name, tags, parent)
         with tempfile.TemporaryDirectory(prefix="saereg-run-") as tmp:
             src = read_run(self.mirror.client, run_id, Path(tmp))
@@ -121,26 +142,36 @@ class Catalog:
         With ``link_run`` (default), a run named in ``cfg.json`` (``metadata.mlflow_run_id``)
         that exists in the tracking store is recorded as lineage and its params and final
         metrics are copied; the MLflow model version still points at the stored files.
+
+        A non-finite entry of ``metrics`` is refused, naming it; the linked run's NaN or
+        infinite metrics are dropped with a warning (:mod:`.sources` states the rule).
         """
+        given = given_metrics(metrics)
+        check_note(note)
         self._precheck(name, tags, parent)
         src = read_folder(path, model=model, hook=hook)
         run_id = (src.cfg.get("metadata") or {}).get("mlflow_run_id")
         if link_run and run_id:
             self._link_run(src, str(run_id))
-        src.metrics.update({k: float(v) for k, v in (metrics or {}).items()})
+        src.metrics.update(given)
         return self._register(src, name, tags=tags, note=note, parent=parent)
 
     def register_source(self, src: Source, name: str, *, tags: Mapping[str, str] | None = None,
                         note: str | None = None, parent: str | None = None,
                         extra: Callable[[Session, int], None] | None = None,
-                        publication: PublicationRecord | None = None) -> queries.VersionInfo:
+                        publication: PublicationRecord | None = None,
+                        same_files: Mapping[str, str] | None = None) -> queries.VersionInfo:
         """Register a source already read (:mod:`saereg.registry.catalog.sources`), as Hub pull
         does. ``extra(session, version_id)`` writes rows that hang from the new version
         (features, labels, statistics) and ``publication`` is recorded for it; both land in the
-        version's own transaction, so the version is never there without them."""
+        version's own transaction, so the version is never there without them. With
+        ``same_files`` (file name -> sha256), a version of ``name`` that already holds those
+        files, seen inside the write transaction, makes it write nothing and raise
+        :class:`DuplicateVersionError` (so two registrations of the same files add one)."""
+        check_note(note)
         self._precheck(name, tags, parent)
         return self._register(src, name, tags=tags, note=note, parent=parent, extra=extra,
-                              publication=publication)
+                              publication=publication, same_files=same_files)
 
     def _link_run(self, src: Source, run_id: str) -> None:
         from mlflow.exceptions import MlflowException
@@ -183,10 +214,13 @@ class Catalog:
     def _register(self, src: Source, name: str, *, tags: Mapping[str, str] | None,
                   note: str | None, parent: str | None,
                   extra: Callable[[Session, int], None] | None = None,
-                  publication: PublicationRecord | None = None) -> queries.VersionInfo:
+                  publication: PublicationRecord | None = None,
+                  same_files: Mapping[str, str] | None = None) -> queries.VersionInfo:
         """Store the files, then record the version (with ``extra(session, version_id)``, rows
         that hang from it, and ``publication``) in one transaction, mirrored to MLflow."""
         tags = {str(k): str(v) for k, v in (tags or {}).items()}
+        src.metrics = finite_metrics(src.metrics, f"MLflow run {src.run_id}" if src.run_id
+                                     else src.uri)
         with self.session() as s:
             self._check_binding(s, name, src)
             parent_id = queries.find_version(s, parent).id if parent else None
@@ -208,6 +242,14 @@ class Catalog:
                 "created_at": utcnow(), "created_by": user}, "name")
             sae = queries.find_sae(s, name, lock=True)
             self._check_binding(s, name, src)
+            if same_files:  # checked under the SAE's lock, so the check and the write agree
+                same = s.scalar(select(func.min(SAEVersion.number)).where(
+                    SAEVersion.sae_id == sae.id, *(SAEVersion.id.in_(
+                        select(VersionFile.version_id).where(VersionFile.name == f,
+                                                             VersionFile.sha256 == sha))
+                        for f, sha in same_files.items())))
+                if same is not None:
+                    raise DuplicateVersionError(format_ref(name, same))
             number = (s.scalar(select(func.max(SAEVersion.number))
                                .where(SAEVersion.sae_id == sae.id)) or 0) + 1
             catalog_id = s.get(CatalogMeta, "catalog_id").value
@@ -350,9 +392,11 @@ class Catalog:
         return self.get(format_ref(name, number))
 
     def add_note(self, ref: str, text: str) -> queries.VersionInfo:
-        """Append a note to a version (catalog only; notes are never edited)."""
+        """Append a note to a version (catalog only; notes are never edited), at most
+        :data:`MAX_NOTE_CHARS` characters."""
         if not text.strip():
             raise UsageError("empty note")
+        check_note(text)
 
         def attempt(s: Session, _mlflow: MirrorChanges) -> tuple[str, int]:
             version = queries.find_version(s, ref)

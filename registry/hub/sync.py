@@ -10,6 +10,12 @@ records each new version with its features, labels, statistics and pull record i
 transaction. This module writes no catalog rows itself: it calls the public methods of
 :class:`saereg.registry.catalog.writes.Catalog`.
 
+Nothing remote is trusted further than :mod:`saereg.registry.hub.verify` checks it: a pull
+downloads the files the Hub lists at the pinned commit into a folder of its own (removed
+afterwards; huggingface_hub's cache is left alone), checks each against that listing and against
+registry.json, and only then records anything. A push checks every stored file before it
+creates or changes anything on the Hub.
+
 Credentials are huggingface_hub's: ``HF_TOKEN`` or the stored login; ``HF_ENDPOINT`` picks the
 server. The token is never printed, logged, saved or put in an error message.
 """
@@ -26,18 +32,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from saereg.registry.errors import (ChecksumError, HubError, NotFoundError, SAEFormatError,
-                                    UsageError, redact)
+from saereg.registry.errors import HubError, NotFoundError, UsageError, redact
+from saereg.registry.hub import verify
 from saereg.registry.hub.card import (FEATURES_FILE, README_FILE, REGISTRY_FILE, read_index,
                                       registry_record, render_card, sha256_file)
+from saereg.registry.hub.verify import PUBLISHED_FILES, SAE_FILES
 from saereg.registry.refs import (format_hf_ref, parse_ref, validate_repo_id, validate_repo_path,
                                   validate_revision)
 
 if TYPE_CHECKING:
     from saereg.registry.catalog.writes import Catalog
-
-SAE_FILES = ("cfg.json", "sae_weights.safetensors", "sparsity.safetensors")
-PUBLISHED_FILES = (*SAE_FILES, REGISTRY_FILE, FEATURES_FILE)
 
 
 @dataclass
@@ -93,31 +97,12 @@ def hub_errors(what: str, repo: str, revision: str | None = None) -> Iterator[No
     except RuntimeError as e:  # the client wraps a failed LFS upload in a RuntimeError
         cause = f" ({_scrub(e.__cause__)})" if e.__cause__ is not None else ""
         raise HubError(f"{what} failed: {_scrub(e)}{cause}") from None
+    except (ValueError, KeyError, TypeError) as e:  # the client's own checks; a malformed answer
+        raise HubError(f"{what} failed: {type(e).__name__}: {_scrub(e)}") from None
     except Exception as e:  # httpx transport errors
         if type(e).__module__.split(".")[0] in ("httpx", "httpcore", "httpx2"):
             raise HubError(f"{what} failed: {type(e).__name__}: {_scrub(e)}") from None
         raise
-
-
-def verify_folder(folder: Path, where: str) -> dict | None:
-    """Check every file registry.json lists against its sha256; returns the record (or None
-    for a folder without registry.json)."""
-    reg = folder / REGISTRY_FILE
-    if not reg.is_file():
-        return None
-    try:
-        record = json.loads(reg.read_text())
-        files = record["files"]
-    except (ValueError, KeyError, TypeError) as e:
-        raise SAEFormatError(f"{where}: unreadable {REGISTRY_FILE}: {e}") from None
-    for name, meta in files.items():
-        local = folder / name
-        if not local.is_file():
-            continue
-        actual = sha256_file(local)
-        if actual != meta.get("sha256"):
-            raise ChecksumError(name, str(meta.get("sha256")), actual, where)
-    return record
 
 
 # -- push ------------------------------------------------------------------------------------
@@ -127,6 +112,15 @@ def _feature_export(cat: Catalog, info):  # noqa: ANN001 - a VersionInfo
 
     with cat.session() as s:
         return hub_features.collect(s, info.id, info.d_sae)
+
+
+def repo_folder(path: str | None, default: str = "") -> str:
+    """A folder inside a repo given by the user: relative to the repo's root (a leading ``/``
+    is refused, not dropped), checked by :func:`saereg.registry.refs.validate_repo_path`."""
+    if path is not None and str(path).startswith("/"):
+        raise UsageError(f"invalid path in repo {path!r}: give a folder relative to the repo's "
+                         "root, without a leading '/'")
+    return validate_repo_path(default if path is None else path)
 
 
 def _current_readme(api, repo: str) -> str | None:
@@ -153,17 +147,13 @@ def push(ref: str, repo: str, *, path: str | None = None, private: bool = False,
     validate_repo_id(repo)
     cat = Catalog(database_url)
     info = cat.get(ref)
-    path = validate_repo_path(info.name if path is None else path)
+    path = repo_folder(path, info.name)
     tag = f"{info.name}-v{info.number}"
     row = cat.find_publication(info.ref, "push", repo, path)
     if row is not None:
         return Publication(info.ref, repo, path, row.revision, row.commit, skipped=True)
-    api = _api()
-    with hub_errors(f"pushing {info.ref} to {repo}", repo):
-        api.create_repo(repo, private=private, exist_ok=True)
-        tags = {t.name: t.target_commit for t in api.list_repo_refs(repo).tags}
-        readme = _current_readme(api, repo)
     with tempfile.TemporaryDirectory(prefix="saereg-push-") as tmp:
+        # every stored file is checked (materialize verifies its sha256) before anything remote
         stage = Path(tmp) / "stage"
         folder = stage / path if path else stage
         folder.mkdir(parents=True)
@@ -172,6 +162,11 @@ def push(ref: str, repo: str, *, path: str | None = None, private: bool = False,
         files = {f: folder / f for f in (*SAE_FILES, FEATURES_FILE) if (folder / f).is_file()}
         record = registry_record(info, files)
         (folder / REGISTRY_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+        api = _api()
+        with hub_errors(f"pushing {info.ref} to {repo}", repo):
+            api.create_repo(repo, private=private, exist_ok=True)
+            tags = {t.name: t.target_commit for t in api.list_repo_refs(repo).tags}
+            readme = _current_readme(api, repo)
         if tag in tags:  # tagged by an earlier push whose recording did not finish
             commit = tags[tag]
             _check_same(api, repo, path, commit, record, tag)
@@ -258,50 +253,52 @@ def pull(spec: str, *, path: str | None = None, name: str | None = None,
          database_url: str | None = None) -> list[Pulled]:
     """Register the SAE folders of Hub repo ``ORG/NAME[@REV]`` (those under ``path``, if given)
     into the catalog, with their metrics, lineage and features. Every file is checked against
-    registry.json before anything is recorded. Each new version is recorded together with its
-    pull record (repo, path, revision, commit), in one catalog transaction. A folder whose
-    files are already a version of the same SAE adds nothing, except the pull record of a
+    the Hub's listing at the pinned commit and against registry.json before anything is
+    recorded (see :mod:`saereg.registry.hub.verify`). Each new version is recorded together
+    with its pull record (repo, path, revision, commit), in one catalog transaction. A folder
+    whose files are already a version of the same SAE adds nothing, except the pull record of a
     version pulled from there before that lacks one."""
     from saereg.registry.catalog.writes import Catalog
 
     repo, rev = parse_repo_spec(spec)
-    prefix = validate_repo_path(path or "")
+    prefix = repo_folder(path)
     api = _api()
     with hub_errors(f"reading {repo}", repo, rev):
         info = api.repo_info(repo, revision=rev)
-    commit = info.sha
-    names = [s.rfilename for s in info.siblings or []]
-    folders = sorted({n.rsplit("/", 1)[0] if "/" in n else "" for n in names
-                      if n.rsplit("/", 1)[-1] == "cfg.json"})
-    folders = [f for f in folders if not prefix or f == prefix or f.startswith(prefix + "/")]
+    commit = verify.check_commit(info.sha, f"Hub repo {repo}@{rev or 'main'}")
+    where = f"Hub repo {repo} at {commit[:12]}"
+    folders = verify.sae_folders([s.rfilename for s in info.siblings or []], prefix, where)
     if not folders:
         raise NotFoundError("SAE folder", prefix or "(repo root)",
                             hint=f"no cfg.json under it in {repo}@{rev or 'main'}")
     if name is not None and len(folders) > 1:
         raise UsageError(f"--name needs one SAE folder; {repo} has {len(folders)} under "
                          f"{prefix or 'its root'} (pass --path)")
-    patterns = [f"{f}/{n}" if f else n for f in folders for n in PUBLISHED_FILES]
-    with hub_errors(f"downloading {repo}@{rev or 'main'}", repo, rev):
-        root = _download(repo, commit, patterns)
-    records = {f: verify_folder(root / f, format_hf_ref(repo, f, commit)) for f in folders}
-    cat = Catalog(database_url)
-    return [_register_pulled(cat, repo, f, commit, rev, root / f, records[f], name)
-            for f in folders]
+    paths = [p for files in folders.values() for p in files]
+    with hub_errors(f"reading the file list of {repo}@{rev or 'main'}", repo, rev):
+        listing = verify.hub_listing(api, repo, commit, paths, where)
+    with tempfile.TemporaryDirectory(prefix="saereg-pull-") as tmp:
+        root = Path(tmp) / "files"
+        with hub_errors(f"downloading {repo}@{rev or 'main'}", repo, rev):
+            for repo_path in paths:  # exactly the checked names, at the pinned commit
+                api.hf_hub_download(repo, repo_path, revision=commit, local_dir=str(root))
+        records = {}
+        for f, files in folders.items():
+            ref = format_hf_ref(repo, f, commit)
+            for repo_path in files:
+                verify.check_download(root / repo_path, listing[repo_path], ref)
+            records[f] = verify.check_folder(root / f if f else root, ref)
+        cat = Catalog(database_url)
+        return [_register_pulled(cat, repo, f, commit, rev, root / f if f else root, records[f],
+                                 name) for f in folders]
 
 
-def _register_pulled(cat: Catalog, repo: str, folder: str, commit: str, rev: str | None,
-                     local: Path, record: dict | None, name: str | None) -> Pulled:
-    from saereg.registry.catalog.sources import read_folder
-    from saereg.registry.catalog.writes import PublicationRecord
+def _already_pulled(cat: Catalog, name: str, same: dict[str, str], pulled) -> str | None:
+    """The version of SAE ``name`` whose files are ``same`` (name -> sha256), if there is one.
+    One pulled from the same repo folder before gets ``pulled`` (its pull record) if it lacks
+    it: an interrupted older pull may have left it without (one that is there stays)."""
     from saereg.registry.errors import SAENotFoundError
-    from saereg.registry.refs import validate_name
 
-    record = record or {}
-    pulled = PublicationRecord("pull", repo, folder, rev or commit, commit)
-    name = validate_name(name or record.get("name") or folder.rsplit("/", 1)[-1] or
-                         repo.split("/")[1])
-    weights = sha256_file(local / "sae_weights.safetensors")
-    cfg_sha = sha256_file(local / "cfg.json")
     try:
         existing = cat.list(name=name)
     except SAENotFoundError:
@@ -311,17 +308,32 @@ def _register_pulled(cat: Catalog, repo: str, folder: str, commit: str, rev: str
             continue
         v = cat.get(row.ref)
         have = {f.name: f.sha256 for f in v.files}
-        if have.get("sae_weights.safetensors") == weights and have.get("cfg.json") == cfg_sha:
-            if (v.tags.get("hub.repo"), v.tags.get("hub.path")) == (repo, folder or "."):
-                # pulled from here before: an interrupted older pull may have left it without
-                # its pull record (recorded now; one that is there stays as it is)
+        if all(have.get(f) == sha for f, sha in same.items()):
+            if (v.tags.get("hub.repo"), v.tags.get("hub.path")) == (pulled.repo,
+                                                                     pulled.path or "."):
                 cat.record_publication(v.ref, pulled)
-            return Pulled(v.ref, repo, folder, commit, added=False)
+            return v.ref
+    return None
+
+
+def _register_pulled(cat: Catalog, repo: str, folder: str, commit: str, rev: str | None,
+                     local: Path, record: dict | None, name: str | None) -> Pulled:
+    from saereg.registry.catalog.sources import read_folder
+    from saereg.registry.catalog.writes import DuplicateVersionError, PublicationRecord
+    from saereg.registry.refs import validate_name
+
+    record = record or {}
+    pulled = PublicationRecord("pull", repo, folder, rev or commit, commit)
+    name = validate_name(name or record.get("name") or folder.rsplit("/", 1)[-1] or
+                         repo.split("/")[1])
+    same = {f: sha256_file(local / f) for f in ("cfg.json", "sae_weights.safetensors")}
+    ref = _already_pulled(cat, name, same, pulled)
+    if ref is not None:
+        return Pulled(ref, repo, folder, commit, added=False)
     src = read_folder(local)
     lineage = record.get("lineage") or {}
     src.kind, src.uri = "hub", format_hf_ref(repo, folder, commit)
-    src.metrics = {k: float(v) for k, v in (record.get("metrics") or {}).items()
-                   if isinstance(v, (int, float))}
+    src.metrics = {k: float(v) for k, v in (record.get("metrics") or {}).items()}
     src.dataset = lineage.get("dataset") or src.dataset
     src.training_tokens = lineage.get("training_tokens") or src.training_tokens
     src.context_size = lineage.get("context_size") or src.context_size
@@ -338,10 +350,14 @@ def _register_pulled(cat: Catalog, repo: str, folder: str, commit: str, rev: str
         if src.log10_rates is None and any(r is not None for r in export.log10_rates):
             src.log10_rates = export.log10_rates
     source = format_hf_ref(repo, folder, commit)
-    info = cat.register_source(
-        src, name, tags=tags, publication=pulled,
-        extra=None if export is None else
-        lambda s, vid: hub_features.insert(s, vid, export, source=source))
+    try:
+        info = cat.register_source(
+            src, name, tags=tags, publication=pulled, same_files=same,
+            extra=None if export is None else
+            lambda s, vid: hub_features.insert(s, vid, export, source=source))
+    except DuplicateVersionError as e:  # another pull of these files committed first
+        return Pulled(_already_pulled(cat, name, same, pulled) or e.ref, repo, folder, commit,
+                      added=False)
     return Pulled(info.ref, repo, folder, commit, added=True,
                   labels=export.n_labels if export else 0,
                   stats_tokens=int(export.stats_run.get("tokens") or 0)
@@ -364,5 +380,19 @@ def download_ref(ref: str) -> tuple[Path, str]:
     if not (folder / "cfg.json").is_file():
         raise NotFoundError("SAE folder", parsed.repo_path or "(repo root)",
                             hint=f"no cfg.json there in {parsed.repo}@{rev}")
-    verify_folder(folder, ref)
+    import huggingface_hub.constants as hf_constants
+
+    present = [prefix + n for n in PUBLISHED_FILES if (folder / n).is_file()]
+    listing = None
+    if not hf_constants.HF_HUB_OFFLINE:  # offline, the cached files are all there is to check
+        commit = verify.check_commit(root.name, ref)  # snapshots/<commit>
+        with hub_errors(f"reading the file list of {ref}", parsed.repo, rev):
+            try:
+                listing = verify.hub_listing(_api(), parsed.repo, commit, present, ref)
+            except Exception as e:  # unreachable: served from the cache, as when offline
+                if type(e).__module__.split(".")[0] not in ("httpx", "httpcore"):
+                    raise
+    for repo_path in present if listing is not None else ():
+        verify.check_download(root / repo_path, listing[repo_path], ref)
+    verify.check_folder(folder, ref)
     return folder, ref

@@ -22,7 +22,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from saereg.registry.errors import SAEFormatError
-from saereg.registry.sae.checks import check_shapes, read_json_object
+from saereg.registry.sae.architectures import ARCHITECTURE_ALIASES
+from saereg.registry.sae.checks import (check_shapes, file_architecture, read_json_object,
+                                        refuse_nonfinite)
 from saereg.registry.sae.modules import SAE, SAE_CLASSES, SAEConfig, torch_dtype
 
 CFG_FILE = "cfg.json"
@@ -107,16 +109,18 @@ def read_cfg(path: str | Path) -> dict[str, Any]:
     return read_json_object(cfg_path)
 
 
-def config_from_cfg_dict(raw: dict[str, Any]) -> SAEConfig:
-    """SAEConfig of the module class that the folder's tensors load into."""
+def config_from_cfg_dict(raw: dict[str, Any], where: str | Path = CFG_FILE, *,
+                         warn: bool = True) -> SAEConfig:
+    """SAEConfig of the module class that the folder's tensors load into. ``where`` names the
+    cfg.json in messages; a config without ``architecture`` is the ReLU SAE of SAELens before
+    version 6 (an :class:`InputWarning` says so when ``warn``), see
+    :func:`saereg.registry.sae.checks.file_architecture`."""
     meta = dict(raw.get("metadata") or {})
     own = dict(meta.pop("saereg_config", None) or {})
-    arch = raw.get("architecture", "standard")
-    if arch not in SAE_CLASSES:
-        raise SAEFormatError(f"unsupported architecture {arch!r} in {CFG_FILE}")
+    arch = ARCHITECTURE_ALIASES[file_architecture(raw, where, warn=warn)]
     merged = {**own, **{k: raw[k] for k in ("d_in", "d_sae", "dtype", "apply_b_dec_to_input", "k")
                         if k in raw}}
-    merged["architecture"] = "relu" if arch == "standard" else arch
+    merged["architecture"] = arch
     merged["metadata"] = meta
     for key in ("d_in", "d_sae"):
         if not isinstance(merged.get(key), int):
@@ -128,26 +132,40 @@ def config_from_cfg_dict(raw: dict[str, Any]) -> SAEConfig:
 
 
 def load_sae(path: str | Path, *, device: str | torch.device = "cpu",
-             dtype: torch.dtype | str | None = None) -> SAE:
-    """Load an SAE folder written by :func:`save_sae` or by SAELens."""
+             dtype: torch.dtype | str | None = None, where: str | None = None) -> SAE:
+    """Load an SAE folder written by :func:`save_sae` or by SAELens.
+
+    ``where`` names a folder that holds a stored version's files (``NAME@N``): messages say
+    ``sae_weights.safetensors of NAME@N`` instead of the temporary path, and a cfg.json without
+    ``architecture`` is read as ReLU without a warning (registration gave it). Weights holding
+    NaN or infinite values are refused (:class:`SAEFormatError` naming the file and tensor):
+    a forward pass through them yields NaN everywhere it touches."""
     path = Path(path)
-    cfg = config_from_cfg_dict(read_cfg(path))
+    cfg_label = path / CFG_FILE if where is None else f"{CFG_FILE} of {where}"
+    cfg = config_from_cfg_dict(read_cfg(path), cfg_label, warn=where is None)
     weights = path / WEIGHTS_FILE
+    label = weights if where is None else f"{WEIGHTS_FILE} of {where}"
     if not weights.is_file():
-        raise SAEFormatError(f"{path} lacks {WEIGHTS_FILE}")
+        raise SAEFormatError(f"{path if where is None else where} lacks {WEIGHTS_FILE}")
     try:
         state = load_file(str(weights))
     except Exception as e:  # noqa: BLE001
-        raise SAEFormatError(f"cannot read {weights}: {e}") from e
+        raise SAEFormatError(f"cannot read {label}: {e}") from e
     check_shapes(cfg.architecture, cfg.d_in, cfg.d_sae,
-                 {name: tuple(t.shape) for name, t in state.items()}, weights)
+                 {name: tuple(t.shape) for name, t in state.items()}, label)
+    for name, t in state.items():
+        if t.is_floating_point() and t.dtype.itemsize > 1:  # torch has no isfinite for float8
+            finite = torch.isfinite(t)
+            if not bool(finite.all()):
+                nan = int(torch.isnan(t).sum())
+                refuse_nonfinite(label, name, nan, int((~finite).sum()) - nan, "load")
     sae = SAE_CLASSES[cfg.architecture](cfg)
     if "threshold" in state and state["threshold"].ndim == 0:
         state["threshold"] = state["threshold"].expand(cfg.d_sae).clone()
     missing, unexpected = sae.load_state_dict(state, strict=False)
     missing = [m for m in missing if m != "norm_scale"]
     if missing or unexpected:
-        raise SAEFormatError(f"{weights}: missing tensors {missing}, unexpected {unexpected}")
+        raise SAEFormatError(f"{label}: missing tensors {missing}, unexpected {unexpected}")
     if dtype is not None:
         dtype = torch_dtype(dtype)
     sae = sae.to(device=device, dtype=dtype) if dtype is not None else sae.to(device)

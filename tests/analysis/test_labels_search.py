@@ -78,8 +78,12 @@ def test_a_hit_shows_the_current_label_even_when_an_older_one_matched(tiny_sae):
     hits = {h.feature_index: h for h in search_labels("buses")}
     assert (hits[6].label, hits[6].matched) == ("steam trains", "trains and buses")
     r = CliRunner().invoke(cli, ["search", "travelling"])
+    assert r.exit_code == 0, r.output
+    [line] = r.output.splitlines()  # the current label is the hit's label; the match is named
+    assert line.split("\t")[4:] == ["railway timetables",
+                                     "(matched an older label: Mentions of travelling by train)"]
+    r = CliRunner().invoke(cli, ["search", "timetables"])
     assert r.exit_code == 0 and r.output.rstrip().endswith("\trailway timetables"), r.output
-    assert "Mentions of travelling" not in r.output
     r = CliRunner().invoke(cli, ["feature", "show", tiny_sae, "5"])
     assert r.exit_code == 0 and "current label: railway timetables" in r.output, r.output
 

@@ -517,7 +517,7 @@ def test_postgresql_is_never_migrated_silently(pg_empty_url, monkeypatch):
     check_seeded(pg_empty_url, catalog_id)
     result = CliRunner().invoke(cli, ["db", "history"])
     assert "0003_publications -> 0004_feature_catalog (head, current)" in result.output
-    result = CliRunner().invoke(cli, ["db", "downgrade"])
+    result = CliRunner().invoke(cli, ["db", "downgrade", "--yes"])
     assert result.exit_code == 0 and current(pg_empty_url) == "0003_publications"
 
 

@@ -1,0 +1,188 @@
+"""Non-finite and out-of-range numbers in steering, search and labels, on SQLite and PostgreSQL.
+
+Cases (each asserts the one-line error, the exit code, and that catalog row counts, stored
+blobs and MLflow model versions are unchanged):
+
+- a preset with a NaN or infinite strength is refused (library, and `preset create --strength`
+  exits 2 naming --strength);
+- a preset with a NaN or negative temperature is refused (`--temperature` named, exit 2);
+- steering with a stored preset whose strength is not finite (a catalog written before the
+  check: NaN on SQLite; on PostgreSQL, whose JSONB holds no NaN, 1e400, which reads as inf) is
+  refused naming the preset, exit 1, and no steering run is stored;
+- steering with a stored preset whose temperature is NaN is refused likewise;
+- editing such a stored preset without giving new features does not copy the bad strength;
+- `search --min-rate nan` (and inf, and a rate outside 0..1) exits 2 naming --min-rate;
+- `search --min-rate` above `--max-rate` exits 2 naming --min-rate;
+- a label longer than the documented limit is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from catalog_helpers import table_counts
+from click.testing import CliRunner
+from sqlalchemy import text
+
+from saereg.analysis import labels
+from saereg.analysis.search import search_labels
+from saereg.analysis.steering import create_preset, steer
+from saereg.commands.main import cli
+from saereg.registry.catalog import db
+from saereg.registry.errors import ConfigError, SaeRegError, UsageError
+
+PROMPT = "Should I travel by plane or by"
+
+
+def state(mlflow_store) -> tuple:
+    """Row counts, stored blobs and MLflow model versions: what a refused input must not
+    change."""
+    from saereg.registry.catalog.writes import Catalog
+
+    blobs = sorted(sha for sha, _ in Catalog().store.iter_blobs())
+    versions = sorted((v.name, v.version) for v in mlflow_store.search_model_versions())
+    return table_counts(), blobs, versions
+
+
+def one_error(result, code: int) -> str:
+    """The single ``Error:`` line of a CLI result that exited with ``code``."""
+    assert result.exit_code == code, result.output
+    assert "Traceback" not in result.output and isinstance(result.exception, SystemExit)
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1, result.output
+    return errors[0]
+
+
+def plant(preset_id: int, column: str, value: dict | list, backend: str) -> None:
+    """Overwrite a stored preset's JSON column as an older release could have written it:
+    ``value`` serialised with Python's json (NaN as ``NaN``). PostgreSQL's JSONB refuses NaN,
+    so there an infinite value is written as 1e400 (which reads back as inf)."""
+    raw = json.dumps(value)
+    if backend == "postgresql":
+        raw = raw.replace("NaN", "1e400").replace("Infinity", "1e400")
+        sql = f"UPDATE steering_presets SET {column} = CAST(:v AS jsonb) WHERE id = :id"
+    else:
+        sql = f"UPDATE steering_presets SET {column} = :v WHERE id = :id"
+    with db.get_engine().begin() as conn:
+        conn.execute(text(sql), {"v": raw, "id": preset_id})
+
+
+@pytest.fixture
+def before(tiny_sae, mlflow_store):
+    create_preset("ok", tiny_sae, [(None, 1, 4.0)])
+    return state(mlflow_store)
+
+
+@pytest.mark.parametrize("value, shown", [(math.nan, "nan"), (math.inf, "inf")])
+def test_preset_with_a_non_finite_strength_is_refused(tiny_sae, mlflow_store, before, value,
+                                                      shown):
+    message = f"strength of feature 5 must be a finite number, got {shown}"
+    with pytest.raises(ConfigError, match=message):
+        create_preset("bad", tiny_sae, [(None, 5, value)])
+    with pytest.raises(ConfigError, match=message):
+        create_preset("ok", features=[(None, 5, value)])  # a new version of an existing one
+    line = one_error(CliRunner().invoke(cli, ["preset", "create", "bad", "--sae", tiny_sae,
+                                              "--feature", "5", "--strength", shown]), 2)
+    assert f"--{message}" in line
+    assert state(mlflow_store) == before
+
+
+@pytest.mark.parametrize("value, says", [("nan", "must be a finite number, got nan"),
+                                         ("-inf", "must be a finite number, got -inf"),
+                                         ("-1", "must be >= 0, got -1")])
+def test_preset_with_a_bad_temperature_is_refused(tiny_sae, mlflow_store, before, value, says):
+    with pytest.raises(ConfigError, match=f"temperature {says}"):
+        create_preset("bad", tiny_sae, [(None, 5, 2.0)],
+                      generation={"temperature": float(value)})
+    line = one_error(CliRunner().invoke(cli, ["preset", "create", "bad", "--sae", tiny_sae,
+                                              "--feature", "5", "--temperature", value]), 2)
+    assert f"--temperature {says}" in line
+    assert state(mlflow_store) == before
+
+
+def test_steering_with_a_stored_non_finite_strength_is_refused(tiny_sae, mlflow_store, before,
+                                                               backend, tiny_lm):
+    p = create_preset("old", tiny_sae, [(None, 5, 2.0)])
+    plant(p.id, "features", [{**p.features[0], "strength": math.nan}], backend)
+    after_plant = state(mlflow_store)
+    shown = "nan" if backend == "sqlite" else "inf"
+    message = (f"preset old@1 holds strength {shown} for feature 5; a strength must be a finite "
+               "number")
+    with pytest.raises(SaeRegError, match=message):
+        steer("old", PROMPT, lm=tiny_lm)
+    line = one_error(CliRunner().invoke(cli, ["steer", "--preset", "old", PROMPT]), 1)
+    assert message in line and "--strength" in line
+    assert state(mlflow_store) == after_plant  # no steering run stored
+
+
+def test_steering_with_a_stored_nan_temperature_is_refused(tiny_sae, mlflow_store, before,
+                                                           backend, tiny_lm):
+    p = create_preset("old", tiny_sae, [(None, 5, 2.0)])
+    plant(p.id, "generation", {**p.generation, "temperature": math.nan}, backend)
+    after_plant = state(mlflow_store)
+    shown = "nan" if backend == "sqlite" else "inf"
+    message = (f"preset old@1 holds an invalid generation setting: temperature must be a finite "
+               f"number, got {shown}")
+    with pytest.raises(SaeRegError, match=message):
+        steer("old", PROMPT, lm=tiny_lm)
+    line = one_error(CliRunner().invoke(cli, ["steer", "--preset", "old", PROMPT]), 1)
+    assert message in line
+    assert state(mlflow_store) == after_plant
+    # a temperature given now replaces the stored one: that run goes ahead
+    r = steer("old", PROMPT, lm=tiny_lm, generation={"temperature": 0.0, "max_new_tokens": 2},
+              store=False)
+    assert r.preset == "old@1"
+
+
+def test_editing_a_stored_non_finite_preset_does_not_copy_it(tiny_sae, mlflow_store, before,
+                                                             backend):
+    p = create_preset("old", tiny_sae, [(None, 5, 2.0)])
+    plant(p.id, "features", [{**p.features[0], "strength": math.inf}], backend)
+    after_plant = state(mlflow_store)
+    with pytest.raises(SaeRegError, match="preset old@1 holds strength inf for feature 5"):
+        create_preset("old", method="clamp")
+    line = one_error(CliRunner().invoke(cli, ["preset", "create", "old", "--method", "clamp"]),
+                     1)
+    assert "preset old@1 holds strength inf" in line
+    assert state(mlflow_store) == after_plant
+    fixed = create_preset("old", features=[(None, 5, 3.0)])  # new features: a good version
+    assert (fixed.number, fixed.features[0]["strength"]) == (2, 3.0)
+
+
+@pytest.mark.parametrize("value, says", [("nan", "must be a finite number, got nan"),
+                                         ("inf", "must be a finite number, got inf"),
+                                         ("1.5", "must be in 0..1, got 1.5")])
+def test_search_min_rate_that_is_not_a_rate_is_refused(tiny_sae, mlflow_store, before, value,
+                                                       says):
+    labels.add_label(tiny_sae, 3, "travel by train")
+    counts = state(mlflow_store)
+    with pytest.raises(ConfigError, match=f"min_rate {says}"):
+        search_labels("travel", min_rate=float(value))
+    with pytest.raises(ConfigError, match=f"max_rate {says}"):
+        search_labels("travel", max_rate=float(value))
+    line = one_error(CliRunner().invoke(cli, ["search", "travel", "--min-rate", value]), 2)
+    assert f"--min-rate {says}" in line
+    line = one_error(CliRunner().invoke(cli, ["search", "travel", "--max-rate", value]), 2)
+    assert f"--max-rate {says}" in line
+    assert state(mlflow_store) == counts
+
+
+def test_search_min_rate_above_max_rate_is_refused(tiny_sae, mlflow_store, before):
+    with pytest.raises(ConfigError, match="min_rate 0.5 is above max_rate 0.1"):
+        search_labels("travel", min_rate=0.5, max_rate=0.1)
+    line = one_error(CliRunner().invoke(cli, ["search", "travel", "--min-rate", "0.5",
+                                              "--max-rate", "0.1"]), 2)
+    assert "--min-rate 0.5 is above max_rate 0.1" in line
+    assert search_labels("travel", min_rate=0.1, max_rate=0.1) == []  # equal bounds are fine
+    assert state(mlflow_store) == before
+
+
+def test_label_longer_than_the_limit_is_refused(tiny_sae, mlflow_store, before):
+    long = "word " * (labels.MAX_LABEL_CHARS // 5 + 1)
+    message = f"a label is at most {labels.MAX_LABEL_CHARS} characters"
+    with pytest.raises(UsageError, match=message):
+        labels.add_label(tiny_sae, 3, long)
+    assert message in one_error(CliRunner().invoke(cli, ["label", tiny_sae, "3", long]), 2)
+    assert state(mlflow_store) == before
