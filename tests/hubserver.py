@@ -410,3 +410,31 @@ class HubServer:
     def files(self, repo_id: str, rev: str = "main") -> dict[str, bytes]:
         repo = self.state.repos[repo_id]
         return {k: v.data for k, v in repo.commits[repo.resolve(rev)].items()}
+
+
+def serve_hub_online(monkeypatch, hf_home, token: str):
+    """Start a :class:`HubServer` and point huggingface_hub at it for one test: online, Xet
+    off, its own cache in ``hf_home``, ``token`` in HF_TOKEN. huggingface_hub reads these once,
+    at import, so the copies in its constants module are patched too. Yields the server and
+    stops it afterwards (use it as the body of a pytest fixture)."""
+    import huggingface_hub.constants as c
+
+    srv = HubServer().start()
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    env = {"HF_ENDPOINT": srv.url, "HF_HUB_DISABLE_XET": "1", "HF_HOME": str(hf_home),
+           "HF_HUB_CACHE": str(hf_home / "hub"), "HF_TOKEN": token}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    patches = {"HF_HUB_OFFLINE": False, "ENDPOINT": srv.url, "HF_HUB_DISABLE_XET": True,
+               "HUGGINGFACE_CO_URL_TEMPLATE": srv.url + "/{repo_id}/resolve/{revision}/{filename}",
+               "HF_HOME": str(hf_home), "HF_HUB_CACHE": str(hf_home / "hub"),
+               "HF_TOKEN_PATH": str(hf_home / "token"),
+               "HF_STORED_TOKENS_PATH": str(hf_home / "stored_tokens")}
+    for key, value in patches.items():
+        monkeypatch.setattr(c, key, value)
+    try:
+        yield srv
+    finally:
+        srv.stop()
+

@@ -47,35 +47,32 @@ class WarmModels:
         """How many times a model or an SAE was loaded (not served from the cache)."""
 
     def _model(self, name: str) -> _Model:
-        with self._model_lock:
-            entry = self._models.get(name)
-            if entry is None:
-                from saereg.analysis.lm import load_model
+        from saereg.analysis.lm import load_model
 
-                entry = _Model(load_model(name), threading.Lock())
-                self.loads["models"] += 1
-                self._models[name] = entry
-                while len(self._models) > self.max_models:
-                    self._models.popitem(last=False)
-            self._models.move_to_end(name)
-            return entry
+        return self._cached(self._models, self._model_lock, name, self.max_models, "models",
+                            lambda: _Model(load_model(name), threading.Lock()))
 
     def sae(self, ref: str, device: Any = "cpu"):
         """The SAE of catalog version ``ref`` (``NAME@N``) on ``device``."""
         key = (ref, str(device))
-        with self._sae_lock:
-            sae = self._saes.get(key)
-            if sae is None:
-                from saereg.registry.api import load_sae
+        from saereg.registry.api import load_sae
 
-                sae = load_sae(ref, device=device, database_url=self.database_url)
-                sae.requires_grad_(False)
-                self.loads["saes"] += 1
-                self._saes[key] = sae
-                while len(self._saes) > self.max_saes:
-                    self._saes.popitem(last=False)
-            self._saes.move_to_end(key)
-            return sae
+        return self._cached(self._saes, self._sae_lock, key, self.max_saes, "saes", lambda: load_sae(
+            ref, device=device, database_url=self.database_url).requires_grad_(False))
+
+    def _cached(self, cache: OrderedDict, lock: threading.Lock, key, limit: int, kind: str,
+                make):
+        """``cache[key]``, made by ``make()`` on a miss (counted in ``loads[kind]``), the least
+        recently used entries dropped beyond ``limit``."""
+        with lock:
+            value = cache.get(key)
+            if value is None:
+                value = cache[key] = make()
+                self.loads[kind] += 1
+                while len(cache) > limit:
+                    cache.popitem(last=False)
+            cache.move_to_end(key)
+            return value
 
     @contextlib.contextmanager
     def using(self, model: str, cancelled: threading.Event | None = None) -> Iterator[Any]:

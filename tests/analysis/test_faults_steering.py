@@ -22,7 +22,7 @@ import json
 import math
 
 import pytest
-from catalog_helpers import table_counts
+from catalog_helpers import catalog_state, error_line
 from click.testing import CliRunner
 from sqlalchemy import text
 
@@ -31,28 +31,20 @@ from saereg.analysis.search import search_labels
 from saereg.analysis.steering import create_preset, steer
 from saereg.commands.main import cli
 from saereg.registry.catalog import db
+from saereg.registry.catalog.writes import Catalog
 from saereg.registry.errors import ConfigError, SaeRegError, UsageError
 
 PROMPT = "Should I travel by plane or by"
 
 
-def state(mlflow_store) -> tuple:
-    """Row counts, stored blobs and MLflow model versions: what a refused input must not
-    change."""
-    from saereg.registry.catalog.writes import Catalog
 
-    blobs = sorted(sha for sha, _ in Catalog().store.iter_blobs())
-    versions = sorted((v.name, v.version) for v in mlflow_store.search_model_versions())
-    return table_counts(), blobs, versions
+
 
 
 def one_error(result, code: int) -> str:
-    """The single ``Error:`` line of a CLI result that exited with ``code``."""
-    assert result.exit_code == code, result.output
-    assert "Traceback" not in result.output and isinstance(result.exception, SystemExit)
-    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
-    assert len(errors) == 1, result.output
-    return errors[0]
+    """The single ``Error:`` line of a CLI result that exited with ``code`` (warnings may
+    stand beside it)."""
+    return error_line(result, code, alone=False)
 
 
 def plant(preset_id: int, column: str, value: dict | list, backend: str) -> None:
@@ -72,7 +64,7 @@ def plant(preset_id: int, column: str, value: dict | list, backend: str) -> None
 @pytest.fixture
 def before(tiny_sae, mlflow_store):
     create_preset("ok", tiny_sae, [(None, 1, 4.0)])
-    return state(mlflow_store)
+    return catalog_state(Catalog().store, mlflow_store)
 
 
 @pytest.mark.parametrize("value, shown", [(math.nan, "nan"), (math.inf, "inf")])
@@ -86,7 +78,7 @@ def test_preset_with_a_non_finite_strength_is_refused(tiny_sae, mlflow_store, be
     line = one_error(CliRunner().invoke(cli, ["preset", "create", "bad", "--sae", tiny_sae,
                                               "--feature", "5", "--strength", shown]), 2)
     assert f"--{message}" in line
-    assert state(mlflow_store) == before
+    assert catalog_state(Catalog().store, mlflow_store) == before
 
 
 @pytest.mark.parametrize("value, says", [("nan", "must be a finite number, got nan"),
@@ -99,14 +91,14 @@ def test_preset_with_a_bad_temperature_is_refused(tiny_sae, mlflow_store, before
     line = one_error(CliRunner().invoke(cli, ["preset", "create", "bad", "--sae", tiny_sae,
                                               "--feature", "5", "--temperature", value]), 2)
     assert f"--temperature {says}" in line
-    assert state(mlflow_store) == before
+    assert catalog_state(Catalog().store, mlflow_store) == before
 
 
 def test_steering_with_a_stored_non_finite_strength_is_refused(tiny_sae, mlflow_store, before,
                                                                backend, tiny_lm):
     p = create_preset("old", tiny_sae, [(None, 5, 2.0)])
     plant(p.id, "features", [{**p.features[0], "strength": math.nan}], backend)
-    after_plant = state(mlflow_store)
+    after_plant = catalog_state(Catalog().store, mlflow_store)
     shown = "nan" if backend == "sqlite" else "inf"
     message = (f"preset old@1 holds strength {shown} for feature 5; a strength must be a finite "
                "number")
@@ -114,14 +106,14 @@ def test_steering_with_a_stored_non_finite_strength_is_refused(tiny_sae, mlflow_
         steer("old", PROMPT, lm=tiny_lm)
     line = one_error(CliRunner().invoke(cli, ["steer", "--preset", "old", PROMPT]), 1)
     assert message in line and "--strength" in line
-    assert state(mlflow_store) == after_plant  # no steering run stored
+    assert catalog_state(Catalog().store, mlflow_store) == after_plant  # no steering run stored
 
 
 def test_steering_with_a_stored_nan_temperature_is_refused(tiny_sae, mlflow_store, before,
                                                            backend, tiny_lm):
     p = create_preset("old", tiny_sae, [(None, 5, 2.0)])
     plant(p.id, "generation", {**p.generation, "temperature": math.nan}, backend)
-    after_plant = state(mlflow_store)
+    after_plant = catalog_state(Catalog().store, mlflow_store)
     shown = "nan" if backend == "sqlite" else "inf"
     message = (f"preset old@1 holds an invalid generation setting: temperature must be a finite "
                f"number, got {shown}")
@@ -129,7 +121,7 @@ def test_steering_with_a_stored_nan_temperature_is_refused(tiny_sae, mlflow_stor
         steer("old", PROMPT, lm=tiny_lm)
     line = one_error(CliRunner().invoke(cli, ["steer", "--preset", "old", PROMPT]), 1)
     assert message in line
-    assert state(mlflow_store) == after_plant
+    assert catalog_state(Catalog().store, mlflow_store) == after_plant
     # a temperature given now replaces the stored one: that run goes ahead
     r = steer("old", PROMPT, lm=tiny_lm, generation={"temperature": 0.0, "max_new_tokens": 2},
               store=False)
@@ -140,13 +132,13 @@ def test_editing_a_stored_non_finite_preset_does_not_copy_it(tiny_sae, mlflow_st
                                                              backend):
     p = create_preset("old", tiny_sae, [(None, 5, 2.0)])
     plant(p.id, "features", [{**p.features[0], "strength": math.inf}], backend)
-    after_plant = state(mlflow_store)
+    after_plant = catalog_state(Catalog().store, mlflow_store)
     with pytest.raises(SaeRegError, match="preset old@1 holds strength inf for feature 5"):
         create_preset("old", method="clamp")
     line = one_error(CliRunner().invoke(cli, ["preset", "create", "old", "--method", "clamp"]),
                      1)
     assert "preset old@1 holds strength inf" in line
-    assert state(mlflow_store) == after_plant
+    assert catalog_state(Catalog().store, mlflow_store) == after_plant
     fixed = create_preset("old", features=[(None, 5, 3.0)])  # new features: a good version
     assert (fixed.number, fixed.features[0]["strength"]) == (2, 3.0)
 
@@ -157,7 +149,7 @@ def test_editing_a_stored_non_finite_preset_does_not_copy_it(tiny_sae, mlflow_st
 def test_search_min_rate_that_is_not_a_rate_is_refused(tiny_sae, mlflow_store, before, value,
                                                        says):
     labels.add_label(tiny_sae, 3, "travel by train")
-    counts = state(mlflow_store)
+    counts = catalog_state(Catalog().store, mlflow_store)
     with pytest.raises(ConfigError, match=f"min_rate {says}"):
         search_labels("travel", min_rate=float(value))
     with pytest.raises(ConfigError, match=f"max_rate {says}"):
@@ -166,7 +158,7 @@ def test_search_min_rate_that_is_not_a_rate_is_refused(tiny_sae, mlflow_store, b
     assert f"--min-rate {says}" in line
     line = one_error(CliRunner().invoke(cli, ["search", "travel", "--max-rate", value]), 2)
     assert f"--max-rate {says}" in line
-    assert state(mlflow_store) == counts
+    assert catalog_state(Catalog().store, mlflow_store) == counts
 
 
 def test_search_min_rate_above_max_rate_is_refused(tiny_sae, mlflow_store, before):
@@ -176,7 +168,7 @@ def test_search_min_rate_above_max_rate_is_refused(tiny_sae, mlflow_store, befor
                                               "--max-rate", "0.1"]), 2)
     assert "--min-rate 0.5 is above max_rate 0.1" in line
     assert search_labels("travel", min_rate=0.1, max_rate=0.1) == []  # equal bounds are fine
-    assert state(mlflow_store) == before
+    assert catalog_state(Catalog().store, mlflow_store) == before
 
 
 def test_label_longer_than_the_limit_is_refused(tiny_sae, mlflow_store, before):
@@ -185,4 +177,4 @@ def test_label_longer_than_the_limit_is_refused(tiny_sae, mlflow_store, before):
     with pytest.raises(UsageError, match=message):
         labels.add_label(tiny_sae, 3, long)
     assert message in one_error(CliRunner().invoke(cli, ["label", tiny_sae, "3", long]), 2)
-    assert state(mlflow_store) == before
+    assert catalog_state(Catalog().store, mlflow_store) == before

@@ -161,3 +161,26 @@ def use_backend(request, monkeypatch, pg_url_fixture: str):
             conn.execute(text(f"TRUNCATE {', '.join(CATALOG_TABLES)} RESTART IDENTITY CASCADE"))
     yield request.param
     db.dispose_all()
+
+
+def error_line(result, code: int | None = None, *, alone: bool = True) -> str:
+    """The one ``Error:`` line of a failed CLI call (click's CliRunner result): it exited
+    through click (no uncaught exception, no traceback), with ``code`` when given; with
+    ``alone``, a call that exited 1 printed nothing else."""
+    if code is not None:
+        assert result.exit_code == code, result.output
+    assert isinstance(result.exception, SystemExit), result.exception  # not an uncaught error
+    assert "Traceback" not in result.output, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1, result.output
+    if alone and result.exit_code == 1:
+        assert result.output.strip() == errors[0], result.output
+    return errors[0]
+
+
+def catalog_state(store, mlflow_client) -> tuple:
+    """Row counts, stored blobs and MLflow model versions: what a refused input must not
+    change (``store``: the catalog's ArtifactStore)."""
+    blobs = sorted(sha for sha, _ in store.iter_blobs())
+    versions = sorted((v.name, v.version) for v in mlflow_client.search_model_versions())
+    return table_counts(), blobs, versions

@@ -34,7 +34,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from catalog_helpers import BACKENDS, make_sae_folder, table_counts
+from catalog_helpers import BACKENDS, error_line, make_sae_folder, table_counts
 from click.testing import CliRunner
 
 from saereg.commands.main import cli
@@ -97,15 +97,6 @@ def tables(url: str) -> set[str]:
     return set(inspect(db.get_engine(url, check_schema=False)).get_table_names())
 
 
-def error_line(result) -> str:
-    """The one ``Error:`` line of a failed command (for exit 1, the whole output)."""
-    assert isinstance(result.exception, SystemExit), result.exception  # not an uncaught error
-    assert "Traceback" not in result.output
-    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
-    assert len(errors) == 1, result.output
-    if result.exit_code == 1:
-        assert result.output.strip() == errors[0]
-    return errors[0]
 
 
 def invoke(*args: str):

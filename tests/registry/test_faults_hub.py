@@ -42,7 +42,7 @@ import time
 from pathlib import Path
 
 import pytest
-from catalog_helpers import make_sae_folder, table_counts
+from catalog_helpers import error_line, make_sae_folder, table_counts
 from click.testing import CliRunner
 from sqlalchemy import select, text
 from test_hub import hub  # noqa: F401 - the hub server fixture
@@ -94,15 +94,6 @@ def sh(*args: str):
     return CliRunner().invoke(cli, list(args))
 
 
-def error_line(result, code: int) -> str:
-    """The one error line of a CLI call that exited ``code`` (and printed no traceback)."""
-    assert result.exit_code == code, result.output
-    assert "Traceback" not in result.output, result.output
-    errors = [line for line in result.output.splitlines() if line.startswith("Error: ")]
-    assert len(errors) == 1, result.output
-    if code == 1:
-        assert result.output.strip() == errors[0], result.output
-    return errors[0]
 
 
 def files_in(root: Path) -> dict[str, str]:

@@ -23,7 +23,7 @@ import json
 import math
 
 import pytest
-from catalog_helpers import log_training_run, make_sae_folder, table_counts
+from catalog_helpers import catalog_state, error_line, log_training_run, make_sae_folder
 from click.testing import CliRunner
 
 from saereg.commands.main import cli
@@ -32,21 +32,14 @@ from saereg.registry.catalog.writes import MAX_NOTE_CHARS
 from saereg.registry.errors import ConfigError, InputWarning, SAEFormatError, UsageError
 
 
-def state(catalog, mlflow_store) -> tuple:
-    """Row counts, stored blobs and MLflow model versions: what a refused input must not
-    change."""
-    blobs = sorted(sha for sha, _ in catalog.store.iter_blobs())
-    versions = sorted((v.name, v.version) for v in mlflow_store.search_model_versions())
-    return table_counts(), blobs, versions
+
+
 
 
 def one_error(result, code: int) -> str:
-    """The single ``Error:`` line of a CLI result that exited with ``code``."""
-    assert result.exit_code == code, result.output
-    assert "Traceback" not in result.output and isinstance(result.exception, SystemExit)
-    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
-    assert len(errors) == 1, result.output
-    return errors[0]
+    """The single ``Error:`` line of a CLI result that exited with ``code`` (warnings may
+    stand beside it)."""
+    return error_line(result, code, alone=False)
 
 
 def poison(folder, tensor: str, value: float):
@@ -64,7 +57,7 @@ def poison(folder, tensor: str, value: float):
 def before(catalog, mlflow_store, tmp_path):
     """A catalog holding one good version (so "unchanged" is not just "empty")."""
     catalog.register_folder(make_sae_folder(tmp_path / "good"), "good")
-    return state(catalog, mlflow_store)
+    return catalog_state(catalog.store, mlflow_store)
 
 
 @pytest.mark.parametrize("tensor, value, says", [("W_enc", math.nan, "1 NaN value"),
@@ -79,7 +72,7 @@ def test_weights_holding_nan_or_inf_are_refused_at_registration(catalog, mlflow_
     line = one_error(CliRunner().invoke(cli, ["sae", "register", str(folder), "--name", "bad"]),
                      1)
     assert f"tensor {tensor} holds {says}" in line and str(weights) in line
-    assert state(catalog, mlflow_store) == before
+    assert catalog_state(catalog.store, mlflow_store) == before
 
 
 def test_stored_weights_that_decode_to_nan_are_refused_at_load(catalog, mlflow_store, tmp_path,
@@ -90,7 +83,7 @@ def test_stored_weights_that_decode_to_nan_are_refused_at_load(catalog, mlflow_s
     with monkeypatch.context() as m:  # a release without the registration check stored it
         m.setattr(sources, "check_finite_tensors", lambda *a, **k: None)
         catalog.register_folder(folder, "old")
-    before = state(catalog, mlflow_store)
+    before = catalog_state(catalog.store, mlflow_store)
     expected = "sae_weights.safetensors of old@1: tensor W_dec holds 1 NaN value; refusing to load"
     with pytest.raises(SAEFormatError, match=expected):
         load_sae("old@1")
@@ -100,7 +93,7 @@ def test_stored_weights_that_decode_to_nan_are_refused_at_load(catalog, mlflow_s
     assert not dest.exists()
     with pytest.raises(SAEFormatError, match="tensor W_dec holds 1 NaN value"):
         load_sae(folder)  # the folder itself, loaded directly
-    assert state(catalog, mlflow_store) == before
+    assert catalog_state(catalog.store, mlflow_store) == before
 
 
 def test_cfg_json_holding_nan_is_refused(catalog, mlflow_store, before, tmp_path):
@@ -113,7 +106,7 @@ def test_cfg_json_holding_nan_is_refused(catalog, mlflow_store, before, tmp_path
     line = one_error(CliRunner().invoke(cli, ["sae", "register", str(folder), "--name", "bad"]),
                      1)
     assert "metadata.training_tokens is nan" in line
-    assert state(catalog, mlflow_store) == before
+    assert catalog_state(catalog.store, mlflow_store) == before
 
 
 def test_sparsity_holding_nan_is_refused(catalog, mlflow_store, before, tmp_path):
@@ -126,7 +119,7 @@ def test_sparsity_holding_nan_is_refused(catalog, mlflow_store, before, tmp_path
     save_file(rates, str(path))
     with pytest.raises(SAEFormatError, match="sparsity holds 1 NaN or \\+inf values"):
         register_from_folder(folder, "bad")
-    assert state(catalog, mlflow_store) == before
+    assert catalog_state(catalog.store, mlflow_store) == before
 
 
 def test_nan_metric_given_to_register_is_refused_naming_it(catalog, mlflow_store, before,
@@ -139,7 +132,7 @@ def test_nan_metric_given_to_register_is_refused_naming_it(catalog, mlflow_store
         register_from_folder(folder, "m", metrics={"x": -math.inf})
     with pytest.raises(ConfigError, match=r"metrics\['x'\] must be a number, got 'high'"):
         register_from_folder(folder, "m", metrics={"x": "high"})
-    assert state(catalog, mlflow_store) == before
+    assert catalog_state(catalog.store, mlflow_store) == before
 
 
 def test_nan_metric_of_a_run_is_dropped_with_a_warning(catalog, mlflow_store, tmp_path):
@@ -171,7 +164,7 @@ def test_note_longer_than_the_limit_is_refused(catalog, mlflow_store, before, tm
     with pytest.raises(UsageError, match=message):
         catalog.add_note("good@1", long)
     assert message in one_error(CliRunner().invoke(cli, ["sae", "note", "good@1", long]), 2)
-    assert state(catalog, mlflow_store) == before
+    assert catalog_state(catalog.store, mlflow_store) == before
     catalog.add_note("good@1", "x" * MAX_NOTE_CHARS)  # the limit itself is allowed
     assert len(catalog.get("good@1").notes) == 1
 
@@ -207,4 +200,4 @@ def test_unknown_architecture_is_refused_listing_known_ones(catalog, mlflow_stor
     assert "unknown architecture 'sparse-coder'" in line and known in line
     with pytest.raises(SAEFormatError, match=known):
         load_sae(folder)
-    assert state(catalog, mlflow_store) == before
+    assert catalog_state(catalog.store, mlflow_store) == before

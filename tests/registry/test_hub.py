@@ -20,7 +20,7 @@ import pytest
 import torch
 from catalog_helpers import log_training_run, table_counts
 from click.testing import CliRunner
-from hubserver import HubServer
+from hubserver import serve_hub_online
 from sqlalchemy import select
 
 from saereg.commands.main import cli
@@ -40,25 +40,7 @@ REPO = "acme/tiny-saes"
 def hub(monkeypatch, tmp_path):
     """The test hub server, with huggingface_hub online, pointed at it, Xet off, its own cache
     and a token in HF_TOKEN."""
-    import huggingface_hub.constants as c
-
-    srv = HubServer().start()
-    hf_home = tmp_path / "hf-home"
-    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
-        monkeypatch.delenv(var, raising=False)
-    env = {"HF_ENDPOINT": srv.url, "HF_HUB_DISABLE_XET": "1", "HF_HOME": str(hf_home),
-           "HF_HUB_CACHE": str(hf_home / "hub"), "HF_TOKEN": SECRET}
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
-    patches = {"HF_HUB_OFFLINE": False, "ENDPOINT": srv.url, "HF_HUB_DISABLE_XET": True,
-               "HUGGINGFACE_CO_URL_TEMPLATE": srv.url + "/{repo_id}/resolve/{revision}/{filename}",
-               "HF_HOME": str(hf_home), "HF_HUB_CACHE": str(hf_home / "hub"),
-               "HF_TOKEN_PATH": str(hf_home / "token"),
-               "HF_STORED_TOKENS_PATH": str(hf_home / "stored_tokens")}
-    for key, value in patches.items():
-        monkeypatch.setattr(c, key, value)
-    yield srv
-    srv.stop()
+    yield from serve_hub_online(monkeypatch, tmp_path / "hf-home", SECRET)
 
 
 @pytest.fixture
