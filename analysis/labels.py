@@ -2,7 +2,8 @@
 
 Every label row records its text, author, method (human, heuristic, llm), the labelling model
 (for machine labels), time, status (candidate, accepted, rejected) and the label it
-supersedes (the previous label of the same feature by the same method). Nothing is overwritten:
+supersedes (the previous label of the same feature by the same method), and its sentence
+embedding in the same transaction (see :mod:`saereg.analysis.embed`). Nothing is overwritten:
 relabelling adds a row; only a row's status may change later. A feature's *current* label is
 its newest accepted label, else its newest candidate.
 """
@@ -15,10 +16,11 @@ from datetime import datetime
 
 from sqlalchemy import select
 
+from saereg.analysis.embed import EMBED_DIM, EMBED_MODEL, vectors_for
 from saereg.analysis.tokens import display_token
 from saereg.registry.catalog import db
 from saereg.registry.catalog.feature_schema import (LABEL_METHODS, LABEL_STATUSES, FeatureLabel,
-                                                    current_label)
+                                                    LabelEmbedding, current_label)
 from saereg.registry.errors import NotFoundError, UsageError
 
 HEURISTIC_MODEL = "saereg-heuristic-v1"
@@ -75,6 +77,7 @@ def add_labels(ref: str, labels: list[tuple[int, str]], *, method: str = "human"
     if method != "human" and not model:
         raise UsageError(f"a {method} label needs the model that made it")
     user = author or current_user()
+    vectors = vectors_for([t for _, t in checked])  # None without the embedding model
 
     def write() -> list[LabelInfo]:
         with db.session(database_url, write=True) as s:
@@ -89,6 +92,9 @@ def add_labels(ref: str, labels: list[tuple[int, str]], *, method: str = "human"
                     for i, t in checked]
             s.add_all(rows)
             s.flush()
+            if vectors is not None:  # the label and its embedding commit together
+                s.add_all(LabelEmbedding(label_id=r.id, model=EMBED_MODEL, dim=EMBED_DIM,
+                                         vector=v) for r, v in zip(rows, vectors))
             return [_info(r) for r in rows]
 
     return db.retrying(write, what="adding labels")

@@ -5,6 +5,7 @@ stored per version and logged to MLflow."""
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +19,18 @@ from saereg.training.corpus import dataset_name
 
 EVAL_EXPERIMENT = "sae-registry-eval"
 
+_UNIT_DECODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+"""Unit-norm decoder rows per loaded SAE module, made on its first neighbour query: a server
+that keeps an SAE loaded normalises its decoder once, not on every page."""
+
+
+def _unit_decoder(sae):
+    w = _UNIT_DECODERS.get(sae)
+    if w is None:
+        w = sae.W_dec.detach()
+        w = _UNIT_DECODERS[sae] = w / w.norm(dim=1, keepdim=True).clamp(min=1e-12)
+    return w
+
 
 @dataclass(frozen=True)
 class Neighbor:
@@ -27,13 +40,14 @@ class Neighbor:
     label: str | None
 
 
-def neighbors(ref: str, index: int, *, other: str | None = None, k: int = 10,
+def neighbors(ref, index: int, *, other: str | None = None, k: int = 10,
               database_url: str | None = None,
-              load: Callable[[str], Any] | None = None) -> list[Neighbor]:
+              load: Callable[[str], Any] | None = None, store: bool = True) -> list[Neighbor]:
     """The ``k`` features of ``other`` (default: ``ref`` itself, excluding ``index``) whose
     decoder directions are closest in cosine to feature ``index`` of ``ref``. ``load(ref)``
     gives a version's SAE when they must be computed (default: ``load_sae``; a server passes
-    the SAEs it keeps loaded)."""
+    the SAEs it keeps loaded). Computed neighbours are stored unless ``store`` is false (a
+    server computes them from its loaded SAE rather than write on a page view)."""
     import torch
 
     from saereg.analysis.search import current_labels
@@ -57,10 +71,9 @@ def neighbors(ref: str, index: int, *, other: str | None = None, k: int = 10,
         stored = [(r.other_index, r.cosine) for r in rows]
     if len(stored) < min(k, oinfo.d_sae - (oinfo.id == info.id)):
         fetch = load or (lambda r: load_sae(r, database_url=database_url))
-        w = fetch(info.ref).W_dec.detach()
-        wo = w if oinfo.id == info.id else fetch(oinfo.ref).W_dec.detach()
-        d = w[index] / w[index].norm().clamp(min=1e-12)
-        cos = (wo / wo.norm(dim=1, keepdim=True).clamp(min=1e-12)) @ d
+        w = _unit_decoder(fetch(info.ref))
+        wo = w if oinfo.id == info.id else _unit_decoder(fetch(oinfo.ref))
+        cos = wo @ w[index]
         if oinfo.id == info.id:
             cos[index] = -math.inf
         vals, idx = cos.topk(min(k, int(torch.isfinite(cos).sum())))
@@ -79,7 +92,8 @@ def neighbors(ref: str, index: int, *, other: str | None = None, k: int = 10,
                                           other_index=i, cosine=c)
                           for n, (i, c) in enumerate(stored))
 
-        db.retrying(write, what="storing neighbors")
+        if store:
+            db.retrying(write, what="storing neighbors")
     labels = current_labels(oinfo.id, [i for i, _ in stored[:k]], database_url)
     return [Neighbor(oinfo.ref, i, c, labels.get(i)) for i, c in stored[:k]]
 

@@ -8,10 +8,17 @@ shown with its current label (the one ``saereg feature show`` shows; the rule is
 label, such as one the current label superseded, the hit says which. Filters: model, hook, SAE
 name, firing-rate range (from the version's latest stats run; each bound a finite number in
 0..1, the lowest not above the highest).
+
+The cost of a search is bounded whatever the words: each word's document frequency is probed
+up to :data:`RANKED_DF` labels; the rare words (at most that many labels each) are ranked, the
+common ones only filter; a query of common words only (a word every heuristic label holds,
+such as "fires") reads its matches newest first through the filters and stops at ``limit``
+features, instead of ranking every label in the catalog.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 
@@ -38,6 +45,15 @@ class SearchHit:
     matched: str | None = None
 
 
+RANKED_DF = 1000
+"""A query word found in more labels than this is a *common* word: it still has to match, but
+it adds nothing to a hit's rank (its inverse document frequency is low; FTS5's bm25 already
+gives a word in more than half the labels almost no weight). Ranking a rare word costs at most
+this many labels; a query of common words only lists its hits newest label first, read in
+index order and stopped as soon as ``limit`` features passed the filters, so its cost does not
+grow with the catalog."""
+
+
 def _words(query: str) -> list[str]:
     words = re.findall(r"\w+", query or "", flags=re.UNICODE)
     if not words:
@@ -45,15 +61,8 @@ def _words(query: str) -> list[str]:
     return words[:16]
 
 
-def search_labels(query: str, *, model: str | None = None, hook: str | None = None,
-                  sae: str | None = None, min_rate: float | None = None,
-                  max_rate: float | None = None, limit: int = 20,
-                  database_url: str | None = None) -> list[SearchHit]:
-    """Features with a label that contains every word of ``query``, best first, each shown
-    with its current label."""
-    words = _words(query)
-    if limit < 1:
-        raise UsageError(f"limit must be positive, got {limit}")
+def rate_bounds(min_rate, max_rate) -> tuple[float | None, float | None]:
+    """The firing-rate filter of a search, checked: finite, within [0, 1], min <= max."""
     if min_rate is not None:
         min_rate = finite_number(min_rate, "min_rate", minimum=0, maximum=1)
     if max_rate is not None:
@@ -61,63 +70,214 @@ def search_labels(query: str, *, model: str | None = None, hook: str | None = No
     if min_rate is not None and max_rate is not None and min_rate > max_rate:
         raise ConfigError(f"min_rate {min_rate:g} is above max_rate {max_rate:g}: no firing "
                           "rate lies between them", field="min_rate")
+    return min_rate, max_rate
+
+
+def search_labels(query: str, *, model: str | None = None, hook: str | None = None,
+                  sae: str | None = None, min_rate: float | None = None,
+                  max_rate: float | None = None, limit: int = 20,
+                  database_url: str | None = None) -> list[SearchHit]:
+    """Features with a label that contains every word of ``query``, best first, each shown
+    with its current label.
+
+    Rank: bm25 (SQLite) or ts_rank (PostgreSQL) over the query's rare words, the common ones
+    (see :data:`RANKED_DF`) only filtering; ties and common-word-only queries newest label
+    first."""
+    words = _words(query)
+    if limit < 1:
+        raise UsageError(f"limit must be positive, got {limit}")
+    min_rate, max_rate = rate_bounds(min_rate, max_rate)
     engine = db.get_engine(database_url)
-    params: dict = {"limit": limit}
-    where = ["l.status <> 'rejected'"]
-    if engine.dialect.name == "sqlite":
-        params["q"] = " ".join('"' + w.replace('"', "") + '"' for w in words)
-        source = ("SELECT l.*, bm25(feature_labels_fts) AS score FROM feature_labels_fts "
-                  "JOIN feature_labels l ON l.id = feature_labels_fts.rowid "
-                  "WHERE feature_labels_fts MATCH :q")
-        order = "score ASC"
-    elif engine.dialect.name == "postgresql":
-        params["q"] = " ".join(words)
-        source = ("SELECT l.*, -ts_rank(to_tsvector('english', l.text), "
-                  "plainto_tsquery('english', :q)) AS score FROM feature_labels l "
-                  "WHERE to_tsvector('english', l.text) @@ plainto_tsquery('english', :q)")
-        order = "score ASC"
-    else:
+    if engine.dialect.name not in _TEXT:
         raise UsageError(f"label search needs SQLite or PostgreSQL, not {engine.dialect.name}")
+    sql = _TEXT[engine.dialect.name]
+    where, params = ["l.status <> 'rejected'"], {}
     for col, value in (("m.name", model), ("s.hook", hook), ("s.name", sae)):
         if value:
             key = f"p{len(params)}"
             where.append(f"{col} = :{key}")
             params[key] = value
+    versions = where[1:]  # the filters that pick SAE versions
     if min_rate is not None:
         where.append("fs.firing_rate >= :min_rate")
         params["min_rate"] = min_rate
     if max_rate is not None:
         where.append("fs.firing_rate <= :max_rate")
         params["max_rate"] = max_rate
-    sql = f"""
-        WITH hits AS ({source}), best AS (
-            SELECT h.*, ROW_NUMBER() OVER (PARTITION BY h.version_id, h.feature_index
-                                           ORDER BY h.score, h.id DESC) AS rn FROM hits h)
-        SELECT s.name, v.number, l.feature_index, l.text, l.method, l.status,
-               fs.firing_rate, l.score, l.version_id, l.id
-        FROM best l
-        JOIN sae_versions v ON v.id = l.version_id
+    with engine.connect() as conn:
+        rare, common = [], []
+        for w in words:
+            found = _frequency(conn, sql, w)
+            if found is None:  # a stop word (PostgreSQL): ignored, as plainto_tsquery does
+                continue
+            if found == 0:
+                return []
+            (rare if found <= RANKED_DF else common).append(w)
+        if not rare and not common:
+            return []
+        params["q"] = sql["query"](rare + common)
+        if rare:
+            rows = _ranked(conn, sql, rare, bool(common), where, params, limit)
+        else:
+            rows = _newest(conn, sql, where, params, limit,
+                           _id_ranges(conn, versions, params) if versions else [(0, 2 ** 62)])
+    return _hits(rows, database_url)
+
+
+_COLUMNS = """SELECT l.id, l.version_id, l.feature_index, l.text, l.method, l.status,
+               fs.firing_rate, s.name, v.number"""
+_JOINS = """JOIN sae_versions v ON v.id = l.version_id
         JOIN saes s ON s.id = v.sae_id
         JOIN language_models m ON m.id = s.model_id
         LEFT JOIN feature_stats fs ON fs.feature_index = l.feature_index AND fs.stats_run_id =
-            (SELECT max(r.id) FROM stats_runs r WHERE r.version_id = l.version_id)
-        WHERE l.rn = 1 AND {' AND '.join(where)}
-        ORDER BY l.{order}, l.id
-        LIMIT :limit"""
-    with engine.connect() as conn:
-        rows = conn.execute(text(sql), params).all()
+            (SELECT max(r.id) FROM stats_runs r WHERE r.version_id = l.version_id)"""
+
+
+def _fts_query(words: list[str]) -> str:
+    return " ".join('"' + w.replace('"', "") + '"' for w in words)
+
+
+_TEXT = {
+    "sqlite": {
+        "query": _fts_query,
+        "estimate": None,
+        "probe": "SELECT count(*) FROM (SELECT 1 FROM feature_labels_fts "
+                 "WHERE feature_labels_fts MATCH :q LIMIT :cap)",
+        "rank": "SELECT rowid, bm25(feature_labels_fts) FROM feature_labels_fts "
+                "WHERE feature_labels_fts MATCH :rq ORDER BY rank, rowid DESC",
+        "all": "SELECT rowid FROM feature_labels_fts WHERE feature_labels_fts MATCH :q",
+        # CROSS JOIN keeps the full-text index the outer loop, read newest first and stopped
+        # at :n; otherwise SQLite may read a whole version by another index and sort it
+        "newest": f"""{_COLUMNS} FROM feature_labels_fts f
+        CROSS JOIN feature_labels l ON l.id = f.rowid {_JOINS.replace("JOIN s", "CROSS JOIN s")
+                                                              .replace("JOIN l", "CROSS JOIN l")}
+        WHERE feature_labels_fts MATCH :q AND f.rowid >= :lo AND f.rowid < :before
+          AND {{where}}
+        ORDER BY f.rowid DESC LIMIT :n""",
+    },
+    "postgresql": {
+        "query": " ".join,
+        "words": "SELECT numnode(plainto_tsquery('english', :q))",
+        "estimate": "EXPLAIN (FORMAT JSON) SELECT 1 FROM feature_labels "
+                    "WHERE to_tsvector('english', text) @@ plainto_tsquery('english', :q)",
+        "probe": "SELECT count(*) FROM (SELECT 1 FROM feature_labels WHERE "
+                 "to_tsvector('english', text) @@ plainto_tsquery('english', :q) LIMIT :cap) x",
+        "rank": "SELECT id, -ts_rank(to_tsvector('english', text), "
+                "plainto_tsquery('english', :rq)) AS score FROM feature_labels "
+                "WHERE to_tsvector('english', text) @@ plainto_tsquery('english', :q) "
+                "ORDER BY score, id DESC",
+        "all": None,  # the rank query matches every word itself
+        "newest": f"""{_COLUMNS} FROM feature_labels l {_JOINS}
+        WHERE to_tsvector('english', l.text) @@ plainto_tsquery('english', :q)
+          AND l.id >= :lo AND l.id < :before AND {{where}}
+        ORDER BY l.id DESC LIMIT :n""",
+    },
+}
+
+
+def _frequency(conn, sql: dict, word: str) -> int | None:
+    """How many labels hold ``word``, counted up to RANKED_DF + 1 (None: a stop word). On
+    PostgreSQL a word the planner's statistics put in more labels than that is not counted
+    (counting by the GIN index reads its whole posting list)."""
+    q = sql["query"]([word])
+    if sql["estimate"]:
+        if not conn.execute(text(sql["words"]), {"q": q}).scalar():
+            return None
+        plan = conn.execute(text(sql["estimate"]), {"q": q}).scalar()
+        if isinstance(plan, str):
+            plan = json.loads(plan)
+        if plan[0]["Plan"]["Plan Rows"] > RANKED_DF:
+            return RANKED_DF + 1
+    return conn.execute(text(sql["probe"]), {"q": q, "cap": RANKED_DF + 1}).scalar()
+
+
+def _id_ranges(conn, versions: list[str], params: dict) -> list[tuple[int, int]]:
+    """The label-id ranges (highest first, disjoint) that hold every label of the SAE
+    versions the model / hook / SAE filters pick: a version's labels are mostly written
+    together, so reading only these ranges skips the rest of the catalog."""
+    picked = conn.execute(text(
+        "SELECT v.id FROM sae_versions v JOIN saes s ON s.id = v.sae_id "
+        f"JOIN language_models m ON m.id = s.model_id WHERE {' AND '.join(versions)}"),
+        params).scalars().all()
+    spans = []
+    for vid in picked:
+        lo, hi = conn.execute(text(  # one aggregate per SELECT: an index lookup each
+            "SELECT (SELECT min(id) FROM feature_labels WHERE version_id = :v), "
+            "(SELECT max(id) FROM feature_labels WHERE version_id = :v)"), {"v": vid}).one()
+        if lo is not None:
+            spans.append((lo, hi))
+    merged: list[tuple[int, int]] = []
+    for lo, hi in sorted(spans, reverse=True, key=lambda r: r[1]):
+        if merged and hi >= merged[-1][0]:
+            merged[-1] = (min(lo, merged[-1][0]), merged[-1][1])
+        else:
+            merged.append((lo, hi))
+    return merged
+
+
+def _ranked(conn, sql: dict, rare: list[str], common: bool, where: list[str], params: dict,
+            limit: int) -> list[tuple]:
+    """Rows of the best label per feature, best first, at most ``limit``: the labels matching
+    the rare words (at most :data:`RANKED_DF` of them) ranked, then read through the filters
+    best first in growing batches until ``limit`` features passed."""
+    from sqlalchemy import bindparam
+
+    ranked = conn.execute(text(sql["rank"]), {"rq": sql["query"](rare), "q": params["q"]}).all()
+    if common and sql["all"]:  # SQLite ranks by the rare words: keep labels with every word
+        every = {r[0] for r in conn.execute(text(sql["all"]), {"q": params["q"]})}
+        ranked = [r for r in ranked if r[0] in every]
+    score = {r[0]: float(r[1]) for r in ranked}
+    stmt = text(f"{_COLUMNS} FROM feature_labels l {_JOINS} "
+                f"WHERE l.id IN :ids AND {' AND '.join(where)}"
+                ).bindparams(bindparam("ids", expanding=True))
+    out, seen, start, size = [], set(), 0, 2 * limit + 8
+    while start < len(ranked) and len(out) < limit:
+        ids = [r[0] for r in ranked[start:start + size]]
+        start, size = start + size, min(4 * size, 5000)
+        passed = {r[0]: r for r in conn.execute(stmt, {**params, "ids": ids})}
+        for i in ids:
+            r = passed.get(i)
+            if r is not None and (r[1], r[2]) not in seen:
+                seen.add((r[1], r[2]))
+                out.append((*r, score[i]))
+    return out[:limit]
+
+
+def _newest(conn, sql: dict, where: list[str], params: dict, limit: int,
+            ranges: list[tuple[int, int]]) -> list[tuple]:
+    """Rows of the newest matching label per feature, newest first, at most ``limit``: the
+    matches in the label-id ``ranges`` read newest first through the filters, in growing
+    pages, until ``limit`` features passed."""
+    stmt = text(sql["newest"].format(where=" AND ".join(where)))
+    out, seen, size = [], set(), 2 * limit + 8
+    for lo, hi in ranges:
+        before = hi + 1
+        while len(out) < limit:
+            page = conn.execute(stmt, {**params, "lo": lo, "before": before, "n": size}).all()
+            for r in page:
+                if (r[1], r[2]) not in seen:
+                    seen.add((r[1], r[2]))
+                    out.append((*r, 0.0))
+            if len(page) < size:
+                break
+            before, size = page[-1][0], min(4 * size, 5000)
+    return out[:limit]
+
+
+def _hits(rows: list[tuple], database_url: str | None) -> list[SearchHit]:
+    """SearchHits for (id, version_id, index, text, method, status, rate, sae, number, score)
+    rows, each under its feature's current label."""
     wanted: dict[int, set[int]] = {}
     for r in rows:
-        wanted.setdefault(r[8], set()).add(r[2])
-    current = {(vid, i): lab for vid, indices in wanted.items()
-               for i, lab in _current_rows(vid, sorted(indices), database_url).items()}
+        wanted.setdefault(r[1], set()).add(r[2])
+    current = _current_rows_of(wanted, database_url)
     hits = []
     for r in rows:
-        lab = current.get((r[8], r[2]))  # None only if rejected since the search: keep the match
+        lab = current.get((r[1], r[2]))  # None only if rejected since the search: keep the match
         label, method, status = (r[3], r[4], r[5]) if lab is None else (lab.text, lab.method,
                                                                          lab.status)
-        hits.append(SearchHit(f"{r[0]}@{r[1]}", r[2], label, method, status, r[6], -float(r[7]),
-                              matched=None if lab is None or lab.id == r[9] else r[3]))
+        hits.append(SearchHit(f"{r[7]}@{r[8]}", r[2], label, method, status, r[6], 0.0 - r[9],
+                              matched=None if lab is None or lab.id == r[0] else r[3]))
     return hits
 
 
@@ -167,20 +327,31 @@ def current_labels(version_id: int, indices: list[int],
 def _current_rows(version_id: int, indices: list[int], database_url: str | None):
     """The current label row (id, feature_index, text, method, status) per feature index of
     ``indices`` that has one."""
-    from sqlalchemy import select
+    found = _current_rows_of({version_id: set(indices)}, database_url)
+    return {i: lab for (_, i), lab in found.items()}
+
+
+def _current_rows_of(wanted: dict[int, set[int]], database_url: str | None) -> dict:
+    """The current label row (id, feature_index, text, method, status) per (version id,
+    feature index) of ``wanted`` (feature indices per version) that has one, in one query."""
+    from sqlalchemy import and_, or_, select
 
     from saereg.registry.catalog.feature_schema import FeatureLabel, current_label
 
-    if not indices:
+    wanted = {v: indices for v, indices in wanted.items() if indices}
+    if not wanted:
         return {}
     with db.session(database_url) as s:
-        rows = s.execute(select(FeatureLabel.id, FeatureLabel.feature_index, FeatureLabel.text,
+        rows = s.execute(select(FeatureLabel.id, FeatureLabel.version_id,
+                                FeatureLabel.feature_index, FeatureLabel.text,
                                 FeatureLabel.method, FeatureLabel.status)
-                         .where(FeatureLabel.version_id == version_id,
-                                FeatureLabel.feature_index.in_(indices),
-                                FeatureLabel.status != "rejected")
-                         .order_by(FeatureLabel.id)).all()
-    by_index: dict[int, list] = {}
-    for row in rows:
-        by_index.setdefault(row.feature_index, []).append(row)
-    return {i: current_label(h, lambda r: r.status) for i, h in by_index.items()}
+                         .where(or_(*(and_(FeatureLabel.version_id == v,
+                                           FeatureLabel.feature_index.in_(sorted(indices)))
+                                      for v, indices in wanted.items())),
+                                FeatureLabel.status != "rejected")).all()
+    by_feature: dict[tuple[int, int], list] = {}
+    # oldest first, sorted here: ORDER BY id can make SQLite read whole versions through the
+    # (version_id, id) index instead of looking the features up
+    for row in sorted(rows, key=lambda r: r.id):
+        by_feature.setdefault((row.version_id, row.feature_index), []).append(row)
+    return {key: current_label(h, lambda r: r.status) for key, h in by_feature.items()}

@@ -7,7 +7,8 @@
    filled with direct inserts (one version with N features, one label each: 6 words drawn from
    a 20,000-word vocabulary), then ``search_labels`` for random one- and two-word queries,
    p50 / p95 of the timed queries. Target: p95 < 20 ms. ``--postgres URL`` does the same on a
-   scratch database created on that server (and dropped after).
+   scratch database created on that server (and dropped after). Words in most labels (such
+   as "fires" in every heuristic label) and filters: ``benchmarks/search_bench.py``.
 
     python benchmarks/feature_bench.py analyze [--model smollm2-135m] [--hook model.layers.6]
     python benchmarks/feature_bench.py search [--rows 1000000] [--postgres URL]

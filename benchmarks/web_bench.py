@@ -20,7 +20,7 @@ client on the same machine (times include the loopback round trip):
    ``--seconds``: requests, errors, p50 / p95.
 
     python benchmarks/web_bench.py [--d-sae 65536] [--requests 200] [--clients 20] \\
-        [--seconds 30] [--models-from DIR]
+        [--seconds 30] [--models-from DIR] [--home DIR]
 
 ``--models-from DIR`` links ``DIR/smollm2-135m`` (an already converted SmolLM2, e.g.
 ``~/.saereg/models``) into the scratch home; without it the packaged GGUF is converted first
@@ -128,7 +128,14 @@ def fill_labels(url: str, version_id: int, d_sae: int, vocab: list[str]) -> None
                            for i in range(d_sae)])
 
 
+def _vocab() -> list[str]:
+    rng = random.Random(1)
+    return sorted({f"w{i}{''.join(rng.choices('abcdefghij', k=3))}" for i in range(N_VOCAB)})
+
+
 def build_home(home: Path, d_sae: int, models_from: Path | None) -> tuple[str, list[str]]:
+    """The scratch home's catalog; one already built by an earlier run with ``--home`` and
+    the same ``--d-sae`` is reused as it is."""
     import torch
 
     from saereg.registry.catalog.writes import Catalog
@@ -137,9 +144,13 @@ def build_home(home: Path, d_sae: int, models_from: Path | None) -> tuple[str, l
     from saereg.training.lm import load_lm
 
     os.environ["SAEREG_HOME"] = str(home)
+    done = home / "bench-built.json"
+    if done.exists() and json.loads(done.read_text()).get("d_sae") == d_sae:
+        print(f"reusing the catalog in {home}")
+        return json.loads(done.read_text())["ref"], _vocab()
     models = home / "models"
     models.mkdir(parents=True, exist_ok=True)
-    if models_from is not None:
+    if models_from is not None and not (models / MODEL).exists():
         (models / MODEL).symlink_to((models_from / MODEL).resolve(), target_is_directory=True)
     else:
         load_lm(MODEL)  # converts the packaged GGUF once; the server loads the cached copy
@@ -151,13 +162,13 @@ def build_home(home: Path, d_sae: int, models_from: Path | None) -> tuple[str, l
     t0 = time.perf_counter()
     info = Catalog(url).register_folder(folder, "bench-web", model=MODEL, hook=HOOK)
     print(f"registered {info.ref} (d_sae {d_sae}) in {time.perf_counter() - t0:.1f} s")
-    rng = random.Random(1)
-    vocab = sorted({f"w{i}{''.join(rng.choices('abcdefghij', k=3))}" for i in range(N_VOCAB)})
+    vocab = _vocab()
     t0 = time.perf_counter()
     fill_stats(url, info.id, d_sae, vocab)
     fill_labels(url, info.id, d_sae, vocab)
     size = (home / "catalog.db").stat().st_size / 2**20
     print(f"filled stats and labels in {time.perf_counter() - t0:.0f} s (catalog.db {size:.0f} MB)")
+    done.write_text(json.dumps({"d_sae": d_sae, "ref": info.ref}))
     return info.ref, vocab
 
 
@@ -285,12 +296,14 @@ def main() -> None:
     p.add_argument("--clients", type=int, default=20)
     p.add_argument("--seconds", type=float, default=30)
     p.add_argument("--models-from", type=Path, default=None)
+    p.add_argument("--home", type=Path, default=None,
+                   help="build the scratch home here and keep it (reused by the next run)")
     args = p.parse_args()
 
     import httpx
 
     with tempfile.TemporaryDirectory(prefix="saereg-webbench-") as tmp:
-        home = Path(tmp) / "home"
+        home = args.home.resolve() if args.home else Path(tmp) / "home"
         ref, vocab = build_home(home, args.d_sae, args.models_from)
         proc, base = start_server(home, Path(tmp) / "serve.log")
         try:

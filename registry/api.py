@@ -73,8 +73,12 @@ def register_from_folder(path: str | Path, name: str, *, model: str | None = Non
                                parent=parent, metrics=metrics)
 
 
-def get_version(ref: str, *, database_url: str | None = None) -> VersionInfo:
-    """What the catalog records about ``ref`` (``NAME``, ``NAME@3``, ``NAME@prod``)."""
+def get_version(ref: str | VersionInfo, *, database_url: str | None = None) -> VersionInfo:
+    """What the catalog records about ``ref`` (``NAME``, ``NAME@3``, ``NAME@prod``). A
+    :class:`VersionInfo` already looked up is returned as it is, so a caller that resolved a
+    reference once (a web request) can hand it to every library call without a new lookup."""
+    if isinstance(ref, VersionInfo):
+        return ref
     return Catalog(database_url).get(ref)
 
 
@@ -127,11 +131,14 @@ def load_sae(ref: str | os.PathLike, device: str | torch.device = "cpu",
     """Load an SAE as a torch module on ``device`` (and ``dtype``, if given).
 
     ``ref`` is ``NAME`` (latest non-deprecated version), ``NAME@3``, ``NAME@alias``, a local
-    SAE folder, or ``hf://ORG/NAME/PATH@REV`` (downloaded through huggingface_hub's cache, only
+    SAE folder, ``hf://ORG/NAME/PATH@REV`` (downloaded through huggingface_hub's cache, only
     that folder at that revision, checked against its registry.json; works offline once
-    cached). Every stored file is checked against the sha256 recorded at registration
-    (``ChecksumError`` names the file and both hashes). A deprecated version loads with a
-    :class:`DeprecatedVersionWarning`. The module's ``cfg.metadata`` gains ``saereg_ref``.
+    cached), or ``saelens://RELEASE/ID@REV`` (an SAE of SAELens's release table, pulled into
+    the catalog once, see :mod:`saereg.registry.hub.release_pull`, then loaded from there; when
+    the Hub cannot be asked, the copy pulled before). Every stored file is checked against the
+    sha256 recorded at registration (``ChecksumError`` names the file and both hashes). A
+    deprecated version loads with a :class:`DeprecatedVersionWarning`. The module's
+    ``cfg.metadata`` gains ``saereg_ref``.
     """
     from saereg.registry.sae.folder import load_sae as load_folder
 
@@ -145,6 +152,17 @@ def load_sae(ref: str | os.PathLike, device: str | torch.device = "cpu",
         sae = load_folder(folder, device=device, dtype=dtype)
         sae.cfg.metadata.update(saereg_ref=where)
         return sae
+    if parsed.kind == "release":
+        from saereg.registry.errors import HubError, NotFoundError
+        from saereg.registry.hub.release_pull import pull_ref
+
+        try:
+            parsed = parse_ref(pull_ref(parsed.text, database_url=database_url).ref)
+        except HubError as e:  # the Hub unreachable (or offline): a copy pulled before serves
+            try:
+                Catalog(database_url).get(parsed)
+            except NotFoundError:
+                raise e from None
     info = Catalog(database_url).get(parsed)
     _warn_if_deprecated(info)
     with tempfile.TemporaryDirectory(prefix="saereg-load-") as tmp:

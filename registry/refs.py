@@ -7,7 +7,9 @@ A reference is one of:
 - ``NAME@prod``: the version the alias ``prod`` points at;
 - a local directory holding an SAE folder (``./my_sae``, ``/data/saes/l6``);
 - ``hf://ORG/REPO/PATH@REV``: a published SAE on the Hugging Face Hub (PATH and ``@REV`` are
-  optional; REV is a branch, tag or commit, default ``main``).
+  optional; REV is a branch, tag or commit, default ``main``);
+- ``saelens://RELEASE/ID@REV``: an SAE that SAELens's release table names (``@REV`` optional,
+  default ``main``), pulled into the catalog by name (see :mod:`saereg.registry.hub.releases`).
 
 SAE names are 1-128 characters of letters, digits, ``.``, ``_`` and ``-``, starting with a
 letter or digit. Alias names are letters, digits, ``_`` and ``-``, starting with a letter, and
@@ -32,10 +34,14 @@ REPO_PART_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,95}")
 REVISION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_./-]{0,255}")
 
 
+RELEASE_SCHEME = "saelens://"
+
+
 @dataclass(frozen=True)
 class Ref:
-    """A parsed reference: ``kind`` is ``catalog``, ``dir`` or ``hub`` (``repo``,
-    ``repo_path`` and ``revision`` set)."""
+    """A parsed reference: ``kind`` is ``catalog``, ``dir``, ``hub`` (``repo``, ``repo_path``
+    and ``revision`` set) or ``release`` (``name`` is the release, ``repo_path`` the SAE id,
+    ``revision`` set when given)."""
 
     kind: str
     name: str = ""
@@ -126,6 +132,29 @@ def format_hf_ref(repo: str, path: str = "", revision: str | None = None) -> str
             + (f"@{revision}" if revision else ""))
 
 
+def format_release_ref(release: str, sae_id: str, revision: str | None = None) -> str:
+    """The ``saelens://RELEASE/ID@REV`` reference :func:`parse_ref` reads back."""
+    return f"{RELEASE_SCHEME}{release}/{sae_id}" + (f"@{revision}" if revision else "")
+
+
+def _parse_release_ref(text: str) -> Ref:
+    body, at, revision = text[len(RELEASE_SCHEME):].partition("@")
+    release, _, sae_id = body.partition("/")
+    if not release or not sae_id.strip("/") or (at and not revision):
+        raise UsageError(f"{text!r}: a release reference is saelens://RELEASE/SAE_ID[@REV] "
+                         "(see `saereg releases`)")
+    if not NAME_RE.fullmatch(release):
+        raise UsageError(f"{text!r}: invalid release name {release!r} (letters, digits, "
+                         "'.', '_' or '-')")
+    try:
+        sae_id = validate_repo_path(sae_id)
+    except UsageError:
+        raise UsageError(f"{text!r}: invalid SAE id {sae_id!r} (names of letters, digits, "
+                         "'_', '.' or '-' separated by '/')") from None
+    return Ref("release", name=release, repo_path=sae_id,
+               revision=validate_revision(revision) if revision else None, text=text)
+
+
 def parse_ref(text: str | os.PathLike) -> Ref:
     """Parse an SAE reference (see the module docstring)."""
     if isinstance(text, os.PathLike):
@@ -141,9 +170,11 @@ def parse_ref(text: str | os.PathLike) -> Ref:
         repo = validate_repo_id("/".join(parts[:2]))
         return Ref("hub", repo=repo, repo_path=validate_repo_path("/".join(parts[2:])),
                    revision=validate_revision(revision) if revision else None, text=text)
+    if text.startswith(RELEASE_SCHEME):
+        return _parse_release_ref(text)
     if "://" in text:
         raise UsageError(f"unsupported reference scheme in {text!r}; use NAME, NAME@VERSION, "
-                         "NAME@ALIAS or a local directory")
+                         "NAME@ALIAS, a local directory, hf://... or saelens://RELEASE/ID")
     if looks_like_path(text) or (Path(text).is_dir()
                                  and not NAME_RE.fullmatch(text.split("@")[0])):
         path = Path(text).expanduser()

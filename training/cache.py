@@ -7,8 +7,13 @@ Layout of a cache folder::
     heldout.safetensors        the same for held-out text (evaluation without the model)
 
 Each shard holds the activations of the non-special positions of whole context windows, with
-the token id of every row. Shards are written to a temporary name and renamed into place, and
-the manifest (rewritten atomically after every shard) lists only finished shards; its
+the token id of every row. A cache imported from a tensor file
+(:mod:`saereg.training.cache_import`) has the same files; its rows are the file's rows in order,
+its ``token_ids`` are all -1 and its manifest says ``"source": {"kind": "import", ...}`` with
+no tokenizer, context size or dataset.
+
+Shards are written to a temporary name and renamed into place, and the manifest (rewritten
+atomically after every shard) lists only finished shards; its
 ``complete`` flag turns true at the very end. A cache whose writer died is therefore never
 taken for a finished one: training refuses it, and running the same ``cache`` command again
 resumes after its last finished shard.
@@ -99,6 +104,23 @@ class CacheSource:
     def d_ins(self) -> dict[str, int]:
         return {h: int(d) for h, d in self.manifest["d_in"].items()}
 
+    @property
+    def imported(self) -> bool:
+        """Rows from a tensor file (``saereg cache import``): no tokenizer, context windows,
+        BOS or special-token handling, dataset or token ids apply to them."""
+        return (self.manifest.get("source") or {}).get("kind") == "import"
+
+    def sae_facts(self) -> dict[str, Any]:
+        """What the cfg.json metadata of an SAE trained from this cache says in place of the
+        job's settings: for an imported cache, null tokenizer, context size, BOS and
+        special-token handling and dataset (none applied to its rows), and the file they came
+        from; nothing for a harvested one (the job's settings are its own)."""
+        if not self.imported:
+            return {}
+        return {"context_size": None, "prepend_bos": None, "exclude_special_tokens": None,
+                "dataset_path": None, "tokenizer": None,
+                "activation_file": self.manifest["source"]["file"]}
+
 
 def load_shard(folder: Path, name: str, hooks: list[str], *, rank: int = 0,
                world_size: int = 1) -> dict[str, torch.Tensor]:
@@ -182,6 +204,31 @@ def _fmt(n: float) -> str:
     return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}k" if n >= 1e3 else f"{n:.0f}"
 
 
+def write_shard(folder: Path, manifest: dict[str, Any], tensors: dict[str, torch.Tensor],
+                span_name: str, span: list[int]) -> int:
+    """Write the next shard of ``manifest`` (``tensors``: one per hook plus ``token_ids``) and
+    record it: the file first (atomically), then the manifest that lists it. ``span`` is the
+    shard's ``[start, end)`` in ``span_name`` units ("windows" of text, or "rows" of an
+    imported file), kept in the manifest entry and the file's metadata."""
+    name = f"shard-{len(manifest['shards']):05d}.safetensors"
+    n = int(tensors["token_ids"].shape[0])
+    _save_atomic(tensors, folder / name, {span_name: f"{span[0]}-{span[1]}"})
+    manifest["shards"].append({"file": name, "tokens": n, span_name: list(span)})
+    manifest["tokens"] += n
+    _write_json_atomic(folder / MANIFEST, manifest)
+    return n
+
+
+def write_heldout(folder: Path, manifest: dict[str, Any], tensors: dict[str, torch.Tensor],
+                  metadata: dict[str, str] | None = None) -> int:
+    """Write the held-out rows (evaluation only, never trained on) and note them in
+    ``manifest`` (the caller writes it when the cache is complete)."""
+    n = int(tensors["token_ids"].shape[0])
+    _save_atomic(tensors, folder / HELDOUT, metadata or {"windows": "0-0"})
+    manifest["heldout"] = {"file": HELDOUT, "tokens": n}
+    return n
+
+
 def write_cache(lm, hooks: list[str], out: str | Path, tokens: int, *,
                 dataset: str | None = None, text_column: str | None = None,
                 context_size: int = 128, lm_batch_size: int = 8, shard_tokens: int = 65536,
@@ -227,12 +274,6 @@ def write_cache(lm, hooks: list[str], out: str | Path, tokens: int, *,
         rows["token_ids"] = ids[keep].long().cpu()
         return rows
 
-    def flush(chunks: dict[str, list[torch.Tensor]], name: str, windows: tuple[int, int]) -> int:
-        tensors = {k: torch.cat(v) for k, v in chunks.items()}
-        n = int(tensors["token_ids"].shape[0])
-        _save_atomic(tensors, folder / name, {"windows": f"{windows[0]}-{windows[1]}"})
-        return n
-
     windows = TokenWindows(lm.tokenizer, context_size, dataset=dataset, text_column=text_column,
                            skip_windows=manifest["windows"])
     t0, done0, last = time.perf_counter(), manifest["tokens"], 0.0
@@ -251,13 +292,10 @@ def write_cache(lm, hooks: list[str], out: str | Path, tokens: int, *,
             size += int(rows["token_ids"].shape[0])
             nwin += int(item[0].shape[0])
         if size >= shard_tokens or item is None or manifest["tokens"] + size >= tokens:
-            name = f"shard-{len(manifest['shards']):05d}.safetensors"
             span = [manifest["windows"], manifest["windows"] + nwin]
-            n = flush(chunks, name, (span[0], span[1]))
-            manifest["shards"].append({"file": name, "tokens": n, "windows": span})
-            manifest["tokens"] += n
             manifest["windows"] += nwin
-            _write_json_atomic(folder / MANIFEST, manifest)
+            write_shard(folder, manifest, {k: torch.cat(v) for k, v in chunks.items()},
+                        "windows", span)
             chunks = {k: [] for k in chunks}
             size = nwin = 0
         now = time.perf_counter()
@@ -284,8 +322,7 @@ def write_cache(lm, hooks: list[str], out: str | Path, tokens: int, *,
             if got >= heldout_tokens:
                 break
         if got:
-            flush(hchunks, HELDOUT, (0, 0))
-            manifest["heldout"] = {"file": HELDOUT, "tokens": got}
+            write_heldout(folder, manifest, {k: torch.cat(v) for k, v in hchunks.items()})
     manifest["complete"] = True
     _write_json_atomic(folder / MANIFEST, manifest)
     return manifest

@@ -25,6 +25,11 @@ from saereg.registry.sae.architectures import ARCHITECTURES, K_ARCHITECTURES
 STRATEGIES = ("auto", "ddp")
 PRECISIONS = ("32", "bf16-mixed")
 B_DEC_INITS = ("geometric_median", "mean", "zeros")
+SPARSITY_ARCHITECTURES = ("relu", "jumprelu", "gated")
+"""The architectures whose sparsity a coefficient (or target_l0) sets; the others take k."""
+DEFAULT_SPARSITY = {"relu": 5.0, "gated": 5.0, "jumprelu": 1.0}
+"""Sparsity coefficients when none is given, in the units of the normalised inputs."""
+DEFAULT_DEAD_TOKENS = 1_000_000
 LM_DTYPES = ("float32", "bfloat16", "float16")
 """The dtypes a language model is loaded in (names of saereg.registry.sae.modules.DTYPES)."""
 
@@ -71,6 +76,12 @@ def _one_of(cfg: Any, name: str, allowed: tuple[str, ...], hint: str = "") -> No
                           field=name)
 
 
+def _id_number(value: float) -> str:
+    """A number as an SAE id writes it: shortest form, "p" for the decimal point (ids name
+    folders and torch modules, which refuse dots): 0.05 -> 0p05, 3e-4 -> 0p0003, 16.0 -> 16."""
+    return f"{value:g}".replace(".", "p")
+
+
 @dataclass
 class SAETrainConfig:
     """One SAE to train."""
@@ -91,23 +102,41 @@ class SAETrainConfig:
     k_anneal_tokens: int = 0
     """Tokens over which k anneals from k_start to k."""
     sparsity_coefficient: float | None = None
-    """L1 (relu, gated) or L0 (jumprelu) coefficient (unset: the architecture's default)."""
-    sparsity_warmup_tokens: int = 0
-    """Tokens over which the sparsity coefficient rises linearly from zero."""
+    """L1 (relu, gated) or L0 (jumprelu) coefficient, in the units of the normalised inputs
+    (E||x||^2 = d_in; unset: relu and gated 5, as in Anthropic's April 2024 recipe, jumprelu
+    1). With target_l0 it is the controller's starting value (unset: a hundredth of the
+    default)."""
+    target_l0: float | None = None
+    """Target L0 (relu, jumprelu, gated), an alternative to a fixed coefficient: after every
+    step the sparsity coefficient is multiplied by exp(0.03 * log(L0 / target_l0)), the
+    step's measured L0 over all processes (clipped to a factor of 1.03 either way), so it
+    rises while the SAE is denser than the target and falls while it is sparser. The
+    coefficient is saved in checkpoints and logged as sparsity_coefficient."""
+    sparsity_warmup_tokens: int | None = None
+    """Tokens over which a fixed sparsity coefficient rises linearly from zero (unset: the
+    first 5% of the run; not used with target_l0, whose controller sets the coefficient)."""
     lr: float | None = None
     """Adam learning rate (unset: 2e-4 / sqrt(d_sae / 16384))."""
     aux_k_alpha: float = 1 / 32
     """Weight of the AuxK loss that revives dead latents (topk, batchtopk, matryoshka)."""
     aux_k: int | None = None
     """Dead latents the AuxK loss uses per token (unset: d_in // 2)."""
-    dead_tokens: int = 1_000_000
-    """Tokens without firing after which a latent counts as dead."""
+    dead_tokens: int | None = None
+    """Tokens without firing after which a latent counts as dead, for AuxK and ghost grads
+    (unset: 1M, or a tenth of the run's tokens when that is less, so that short runs revive
+    dead latents too)."""
     ghost_grads: bool = False
     """Ghost grads for dead latents (relu only)."""
-    jumprelu_init_threshold: float = 0.001
-    """Initial threshold of every JumpReLU latent."""
-    jumprelu_bandwidth: float = 0.001
-    """Width of the rectangle kernel of JumpReLU's straight-through estimator."""
+    jumprelu_init_threshold: float = 0.5
+    """Initial threshold of every JumpReLU latent, in units of the RMS of the pre-activations
+    on the first buffer (measured when training starts; cfg.json records the value used)."""
+    jumprelu_bandwidth: float = 0.05
+    """Width of the rectangle kernel of JumpReLU's straight-through estimator, in the
+    normalised space (E||x||^2 = d_in: the JumpReLU paper's 0.001 at E||x||^2 = 1, d_in
+    2304)."""
+    jumprelu_threshold_lr: float | None = None
+    """Adam learning rate of the JumpReLU thresholds (unset: the SAE's lr x sqrt(d_in), so a
+    threshold moves at the same relative rate as the encoder weights)."""
     matryoshka_widths: list[int] | None = None
     """Nested prefix sizes of a matryoshka SAE, increasing, the last one d_sae (unset: d_sae/8,
     d_sae/4, d_sae/2, d_sae)."""
@@ -119,13 +148,17 @@ class SAETrainConfig:
     def __post_init__(self) -> None:
         _one_of(self, "architecture", ARCHITECTURES)
         _positive(self, "expansion", "k", "d_sae", "k_start", "lr", "dead_tokens", "aux_k",
-                  "jumprelu_init_threshold", "jumprelu_bandwidth")
+                  "jumprelu_init_threshold", "jumprelu_bandwidth", "jumprelu_threshold_lr",
+                  "target_l0")
         _not_negative(self, "k_anneal_tokens", "sparsity_coefficient", "sparsity_warmup_tokens",
                       "aux_k_alpha")
         if self.ghost_grads and self.architecture != "relu":
             raise ConfigError(f"ghost_grads apply to relu SAEs only; this one is "
                               f"{self.architecture}", field="ghost_grads")
         _one_of(self, "b_dec_init", B_DEC_INITS)
+        if self.target_l0 is not None and self.architecture not in SPARSITY_ARCHITECTURES:
+            raise ConfigError(f"target_l0 applies to {', '.join(SPARSITY_ARCHITECTURES)} SAEs; "
+                              f"a {self.architecture} SAE takes k", field="target_l0")
 
     def resolve(self, d_in: int) -> None:
         """Checks that need the hook's width: k < d_sae."""
@@ -145,14 +178,43 @@ class SAETrainConfig:
     def default_sparsity(self) -> float:
         if self.sparsity_coefficient is not None:
             return self.sparsity_coefficient
-        return {"relu": 5.0, "gated": 5.0, "jumprelu": 0.05}.get(self.architecture, 0.0)
+        return DEFAULT_SPARSITY.get(self.architecture, 0.0)
+
+    def threshold_lr(self, d_in: int) -> float:
+        """The JumpReLU thresholds' learning rate (see jumprelu_threshold_lr)."""
+        if self.jumprelu_threshold_lr is not None:
+            return self.jumprelu_threshold_lr
+        return self.default_lr(d_in) * math.sqrt(d_in)
+
+    def dead_window(self, run_tokens: int) -> int:
+        """Tokens without firing after which a latent is dead: dead_tokens, or (unset) 1M or
+        a tenth of ``run_tokens``, whichever is less."""
+        if self.dead_tokens is not None:
+            return self.dead_tokens
+        return max(1, min(DEFAULT_DEAD_TOKENS, run_tokens // 10))
+
+    def warmup_tokens(self, run_tokens: int) -> int:
+        """Tokens of the fixed coefficient's linear warm-up (see sparsity_warmup_tokens)."""
+        if self.sparsity_warmup_tokens is not None:
+            return self.sparsity_warmup_tokens
+        return run_tokens // 20
 
     def sae_id(self) -> str:
-        """A short unique-ish name: hook, architecture, width and k."""
+        """A short unique name: hook, architecture, width, then every value a sweep can set
+        (k, sparsity coefficient, target L0, learning rate) that applies and is set."""
         hook = re.sub(r"[^A-Za-z0-9]+", "_", self.hook).strip("_")
         width = f"d{self.d_sae}" if self.d_sae else f"x{self.expansion}"
-        k = f"-k{self.k}" if self.architecture in K_ARCHITECTURES else ""
-        return f"{hook}-{self.architecture}-{width}{k}"
+        parts = [hook, self.architecture, width]
+        if self.architecture in K_ARCHITECTURES:
+            parts.append(f"k{self.k}")
+        if self.architecture in SPARSITY_ARCHITECTURES:
+            if self.target_l0 is not None:
+                parts.append(f"l0_{_id_number(self.target_l0)}")
+            if self.sparsity_coefficient is not None:
+                parts.append(f"c{_id_number(self.sparsity_coefficient)}")
+        if self.lr is not None:
+            parts.append(f"lr{_id_number(self.lr)}")
+        return "-".join(parts)
 
 
 @dataclass
@@ -189,7 +251,7 @@ class TrainConfig:
     log_every: int = 10
     """Steps between metric logs."""
     checkpoint_every: int = 100
-    """Steps between checkpoints."""
+    """Steps between checkpoints (one more is written at the final step)."""
     eval_tokens: int = 8192
     """Held-out tokens for the final evaluation (CE-loss score, KL, explained variance)."""
     device: str = "auto"
@@ -339,16 +401,3 @@ def flat_params(cfg: TrainConfig, sae: SAETrainConfig) -> dict[str, str]:
     out = {f"job.{k}": v for k, v in job.items()}
     out.update({f"sae.{k}": v for k, v in asdict(sae).items()})
     return {k: "" if v is None else str(v)[:500] for k, v in out.items()}
-
-
-def sweep(hooks: list[str], architectures: list[str], ks: list[int], expansions: list[int],
-          **common: Any) -> list[SAETrainConfig]:
-    """The cartesian product of hooks x architectures x k x expansion (k only where it applies)."""
-    out: list[SAETrainConfig] = []
-    for hook in hooks:
-        for arch in architectures:
-            for k in (ks if arch in K_ARCHITECTURES else ks[:1]):
-                for expansion in expansions:
-                    out.append(SAETrainConfig(hook=hook, architecture=arch, k=k,
-                                              expansion=expansion, **common))
-    return out

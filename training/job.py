@@ -2,7 +2,8 @@
 
 Everything that can be checked is checked before anything is created (model, hooks, k < d_sae,
 token budget). A job lives in ``$SAEREG_HOME/runs/<job id>/``: ``job.json`` (config, MLflow run
-ids, status), ``checkpoints/last.ckpt`` and, when finished, ``saes/<sae id>/`` in the SAELens
+ids, status), ``checkpoints/last.ckpt`` (every ``checkpoint_every`` steps and at the final
+step) and, when finished, ``saes/<sae id>/`` in the SAELens
 layout. A job that stops early keeps its last good checkpoint; an error or NaN marks it
 ``"failed"`` and its MLflow runs FAILED, Ctrl-C marks it ``"interrupted"`` and its runs KILLED
 (the CLI exits 130); ``resume`` continues it with the same step count and runs.
@@ -20,7 +21,7 @@ import os
 import secrets
 import signal
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,19 +30,8 @@ from saereg.registry.errors import (ConfigError, SaeRegError, TrainingDivergedEr
 from saereg.registry.paths import runs_dir
 from saereg.training.config import TrainConfig, flat_params
 from saereg.training.corpus import DEFAULT_CORPUS_NAME, dataset_name
+from saereg.training.finish import SAEResult, finish, sae_metadata
 from saereg.training.interrupt import sigint_raises
-
-
-@dataclass
-class SAEResult:
-    sae_id: str
-    hook: str
-    architecture: str
-    d_sae: int
-    k: int | None
-    run_id: str
-    folder: Path
-    metrics: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -64,6 +54,17 @@ def read_job(job_dir: Path) -> dict[str, Any]:
     if not f.is_file():
         raise ConfigError(f"{job_dir} is not a training job folder (no job.json)")
     return json.loads(f.read_text())
+
+
+def finished_message(job_dir: Path) -> str | None:
+    """The one line that says the job in ``job_dir`` already finished (None while it has not):
+    its steps and where its SAEs are."""
+    state = read_job(job_dir)
+    if state.get("status") != "finished":
+        return None
+    steps = TrainConfig.from_dict(state["config"]).total_steps
+    return (f"job {Path(job_dir).name} already finished ({steps} of {steps} steps, "
+            f"{len(state.get('saes', {}))} SAE(s) in {Path(job_dir) / 'saes'}); nothing to resume")
 
 
 def resolve_device(device: str) -> str:
@@ -104,7 +105,8 @@ def prepare_cache(cfg: TrainConfig, device: str | None = None):
     dataset = cfg.dataset
     if manifest.get("dataset") != DEFAULT_CORPUS_NAME:
         dataset = manifest.get("dataset")
-    resolved = replace(cfg, model=manifest["model"], context_size=int(manifest["context_size"]),
+    context = manifest["context_size"] or cfg.context_size  # null: rows imported from a file
+    resolved = replace(cfg, model=manifest["model"], context_size=int(context),
                        dataset=dataset, saes=saes)  # runs the config's checks again
     resolved.check_budget()
     return resolved, source, {h: source.d_ins[h] for h in resolved.hooks}
@@ -154,7 +156,18 @@ def make_trainer(cfg: TrainConfig, device: str, job_dir: Path):
 
     from saereg.training.distributed import RankReport, make_strategy
 
-    checkpoint = L.pytorch.callbacks.ModelCheckpoint(
+    class Checkpoint(L.pytorch.callbacks.ModelCheckpoint):
+        """Every checkpoint_every steps, and once more at the final step (on every process:
+        saving gathers the data positions of all of them)."""
+
+        def on_train_end(self, trainer, pl_module) -> None:
+            super().on_train_end(trainer, pl_module)
+            step = trainer.global_step
+            if step >= cfg.total_steps and self._last_global_step_saved != step:
+                trainer.save_checkpoint(str(Path(self.dirpath) / "last.ckpt"))
+                self._last_global_step_saved = step
+
+    checkpoint = Checkpoint(
         dirpath=job_dir / "checkpoints", filename="last", every_n_train_steps=cfg.checkpoint_every,
         save_top_k=1, enable_version_counter=False)
     extra = [RankReport()] if cfg.world_size > 1 else []
@@ -195,8 +208,9 @@ def run_training(cfg: TrainConfig | None = None, *, resume: Path | None = None,
     if resume is not None:
         job_dir = Path(resume)
         state = read_job(job_dir)
-        if state.get("status") == "finished":
-            raise ConfigError(f"job {job_dir.name} already finished; nothing to resume")
+        done = finished_message(job_dir)
+        if done:
+            raise ConfigError(done)
         cfg = TrainConfig.from_dict(state["config"])
     elif cfg is None:
         raise ConfigError("run_training needs a config or a job folder to resume")
@@ -275,14 +289,17 @@ def _open_runs(tracker, cfg: TrainConfig, lm, state: dict[str, Any],
             tracker.reopen(rid)
         _write_json(job_dir / "job.json", state)
         return parent, runs
+    imported = bool(cfg.from_cache) and lm.imported  # rows from a file: no dataset or context
     parent = tracker.start_run(cfg.run_name or f"job {state['job_id']}",
-                               {"model": cfg.model, "dataset": dataset_name(cfg.dataset),
+                               {"model": cfg.model,
+                                "dataset": "" if imported else dataset_name(cfg.dataset),
                                 "tokens": str(cfg.tokens), "n_saes": str(len(cfg.saes))},
                                {"saereg.job_id": state["job_id"], "model": lm.name})
     runs = {}
     for spec in cfg.saes:
         runs[spec.sae_id()] = tracker.start_run(
-            spec.sae_id(), flat_params(cfg, spec),
+            spec.sae_id(), {**flat_params(cfg, spec), **({"job.context_size": ""} if imported
+                                                         else {})},
             {"model": lm.name, "hook": spec.hook, "architecture": spec.architecture,
              "saereg.job_id": state["job_id"]}, parent_id=parent)
     state.update(parent_run=parent, runs=runs)
@@ -335,65 +352,3 @@ def train_worker(cfg: TrainConfig, lm, d_ins: dict[str, int], trainer, ckpt_path
     if trainer.interrupted or trainer.global_step < cfg.total_steps:
         raise SaeRegError(f"training stopped at step {trainer.global_step} of {cfg.total_steps}")
     return None
-
-
-def sae_metadata(cfg: TrainConfig, lm, spec, run_id: str) -> dict[str, Any]:
-    return {
-        "model_name": lm.name,
-        "hook_name": spec.hook,
-        "hook_head_index": None,
-        "context_size": cfg.context_size,
-        "prepend_bos": True,
-        "exclude_special_tokens": True,
-        "dataset_path": dataset_name(cfg.dataset),
-        "training_tokens": cfg.tokens,
-        "mlflow_run_id": run_id,
-        "seed": spec.seed,
-        **({"activation_cache": str(cfg.from_cache)} if cfg.from_cache else {}),
-    }
-
-
-def finish(cfg: TrainConfig, lm, module, tracker, runs: dict[str, str], job_dir: Path,
-           progress_stream=None) -> list[SAEResult]:
-    """Evaluate on held-out text, write SAE folders and plots, log them, close the runs."""
-    import torch
-
-    from saereg.registry.sae.folder import save_sae
-    from saereg.training.data import TokenWindows
-    from saereg.training.evaluate import evaluate_saes
-    from saereg.training.tracking import density_histogram_png
-
-    module = module.to(lm.device).eval()
-    saes = {sid: (module.specs[sid].hook, sae) for sid, sae in module.saes.items()}
-    metrics: dict[str, dict[str, float]] = {sid: {} for sid in saes}
-    if cfg.from_cache:
-        from saereg.training.cache import evaluate_from_cache
-
-        metrics = evaluate_from_cache(lm, saes, cfg.eval_tokens)
-    elif cfg.eval_tokens > 0:
-        windows = TokenWindows(lm.tokenizer, cfg.context_size, dataset=cfg.dataset,
-                               text_column=cfg.text_column, held_out=True)
-        batches = (ids for ids, _ in windows.batches(cfg.lm_batch_size))
-        metrics = evaluate_saes(lm, saes, batches, cfg.eval_tokens)
-    out = []
-    step = cfg.total_steps  # finish() runs only once every step is done
-    cfg_file = job_dir / "config.json"
-    cfg_file.write_text(json.dumps(cfg.to_dict(), indent=2, default=str) + "\n")
-    for sid, (hook, sae) in saes.items():
-        rid = runs[sid]
-        rate = module.stats[sid].firing_rate()
-        log_sparsity = torch.log10(rate + 1e-10).float()
-        folder = save_sae(sae, job_dir / "saes" / sid, log_sparsity=log_sparsity, overwrite=True)
-        png = density_histogram_png(log_sparsity.numpy(), job_dir / f"{sid}-density.png",
-                                    f"{sid}: feature density")
-        final = {f"eval/{k}": v for k, v in metrics.get(sid, {}).items()}
-        final["final/dead_fraction"] = float((rate == 0).double().mean())
-        tracker.log_metrics(rid, final, step)
-        tracker.log_artifacts(rid, folder, "sae")
-        tracker.log_artifact(rid, png, "plots")
-        tracker.log_artifact(rid, cfg_file, "config")
-        tracker.finish(rid)
-        out.append(SAEResult(sae_id=sid, hook=hook, architecture=sae.cfg.architecture,
-                             d_sae=sae.cfg.d_sae, k=sae.cfg.k, run_id=rid, folder=folder,
-                             metrics=metrics.get(sid, {})))
-    return out

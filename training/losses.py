@@ -12,7 +12,9 @@ the same units. Formulas:
   straight-through estimator (rectangle kernel of width `bandwidth`).
 - gated: MSE + lambda * L1 of the gate + an auxiliary reconstruction from the gate path
   through a frozen decoder.
-- matryoshka: the mean over nested prefixes of their reconstruction errors.
+- matryoshka: the sum over nested prefixes of their reconstruction errors (Bussmann et al.
+  2025), so the full width carries the same weight as a TopK SAE's error and every smaller
+  prefix adds its own.
 """
 
 from __future__ import annotations
@@ -137,7 +139,7 @@ def ghost_grad_loss(sae: SAE, x: torch.Tensor, x_hat: torch.Tensor, pre: torch.T
 
 def matryoshka_error(sae: MatryoshkaSAE, x_n: torch.Tensor, acts: torch.Tensor
                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean reconstruction error over nested prefixes, and the full reconstruction."""
+    """Summed reconstruction error over nested prefixes, and the full reconstruction."""
     widths = sae.cfg.matryoshka_widths
     recon = sae.b_dec.expand_as(x_n)
     errors = []
@@ -146,29 +148,26 @@ def matryoshka_error(sae: MatryoshkaSAE, x_n: torch.Tensor, acts: torch.Tensor
         recon = recon + acts[:, start:end] @ sae.W_dec[start:end]
         errors.append(sq_error(recon, x_n))
         start = end
-    return torch.stack(errors).mean(), recon
+    return torch.stack(errors).sum(), recon
 
 
 def sparse_topk_loss(sae: TopKSAE, x: torch.Tensor, s: LossSettings,
                      dead: torch.Tensor) -> LossOutput:
     """MSE + alpha * AuxK for a TopK SAE through the sparse kernels (same values and gradients
-    as the dense path, see saereg.training.kernels)."""
-    from saereg.training.kernels import ActivePattern, gathered_pre_acts, sparse_decode, topk_encode
+    as the dense path, see saereg.training.kernels). AuxK's top-k runs over the dead columns
+    of the pre-activations already computed, and its encoder and decoder gradients go into
+    the main term's own (one backward for both)."""
+    from saereg.training import kernels
 
-    x_n, x_c, pre, pattern, vals = topk_encode(sae, x, sae.k)
-    x_hat = sparse_decode(pattern, vals, sae.W_dec, sae.b_dec)
-    mse = sq_error(x_hat, x_n)
-    n_dead = int(dead.sum())
-    if n_dead:
-        k_aux = min(s.aux_k, n_dead)
-        with torch.no_grad():  # pre is a workspace, already gathered from: mask it in place
-            aux_idx = pre.masked_fill_(~dead, -torch.inf).topk(k_aux, dim=-1, sorted=False).indices
-        aux_pattern = ActivePattern(aux_idx, sae.cfg.d_sae)
-        aux_vals = gathered_pre_acts(sae, x_n, x_c, aux_pattern, aux_idx, pre).relu()
-        e_hat = sparse_decode(aux_pattern, aux_vals, sae.W_dec, None)
+    if int(dead.sum()):
+        x_n, pattern, vals, sel, a = kernels.topk_aux_encode(sae, x, sae.k, dead, s.aux_k)
+        x_hat, e_hat = kernels.sparse_decode_with_aux(pattern, vals, sae.W_dec, sae.b_dec, sel, a)
         aux = torch.nan_to_num((e_hat - (x_n - x_hat).detach()).pow(2).sum(-1).mean(), nan=0.0)
     else:
-        aux = pre.new_zeros(())
+        x_n, _, _, pattern, vals = kernels.topk_encode(sae, x, sae.k)
+        x_hat = kernels.sparse_decode(pattern, vals, sae.W_dec, sae.b_dec)
+        aux = x_n.new_zeros(())
+    mse = sq_error(x_hat, x_n)
     return LossOutput(loss=mse + s.aux_k_alpha * aux, acts=None, x_hat=x_hat,
                       terms={"aux_k": aux, "mse": mse}, idx=pattern.idx, vals=vals.detach(),
                       d_sae=sae.cfg.d_sae)

@@ -29,8 +29,8 @@ from saereg.training.config import SAETrainConfig, TrainConfig
 from saereg.training.distributed import (all_gather_objects, all_reduce_sum, broadcast_, rank,
                                          world_size)
 from saereg.training.losses import (COMPILED_ARCHITECTURES, LossSettings, compiled_loss,
-                                    compute_loss, explained_variance, geometric_median, k_at,
-                                    warmup)
+                                    compute_loss, explained_variance, geometric_median, k_at)
+from saereg.training.sparsity import SparsityControl
 
 INIT_SAMPLE_TOKENS = 4096
 
@@ -88,6 +88,8 @@ class SAETrainingModule(L.LightningModule):
                                    for sid, s in self.specs.items()})
         self.stats = nn.ModuleDict({sid: LatentStats(sae.cfg.d_sae)
                                     for sid, sae in self.saes.items()})
+        self.control = nn.ModuleDict({sid: SparsityControl(s, self.cfg.tokens)
+                                      for sid, s in self.specs.items()})
         self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.long))
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
         self.step_metrics: dict[str, dict[str, float]] = {}
@@ -111,6 +113,13 @@ class SAETrainingModule(L.LightningModule):
                 sae.b_dec.copy_(geometric_median(xn))
             elif spec.b_dec_init == "mean":
                 sae.b_dec.copy_(xn.mean(0))
+            if sae.architecture == "jumprelu":  # the threshold in the data's units
+                rms = float(sae.pre_acts(x).pow(2).mean().sqrt())
+                value = spec.jumprelu_init_threshold * rms
+                if not value > 0:
+                    value = spec.jumprelu_init_threshold  # degenerate sample: keep the factor
+                sae.threshold.fill_(value)
+                sae.cfg.jumprelu_init_threshold = value
         self.initialized.fill_(True)
 
     def on_train_start(self) -> None:
@@ -152,8 +161,14 @@ class SAETrainingModule(L.LightningModule):
         return 1.0
 
     def configure_optimizers(self):
-        groups = [{"params": list(sae.parameters()), "lr": self.specs[sid].default_lr(sae.cfg.d_in),
-                   "name": sid} for sid, sae in self.saes.items()]
+        groups = []
+        for sid, sae in self.saes.items():
+            spec, d_in = self.specs[sid], sae.cfg.d_in
+            own = [p for name, p in sae.named_parameters() if name != "threshold"]
+            groups.append({"params": own, "lr": spec.default_lr(d_in), "name": sid})
+            if sae.architecture == "jumprelu":  # its own rate (see jumprelu_threshold_lr)
+                groups.append({"params": [sae.threshold], "lr": spec.threshold_lr(d_in),
+                               "name": f"{sid}/threshold"})
         # the fused kernel (CPU and CUDA) is ~5x faster than the per-tensor loop on CPU
         fused = all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point
                     for g in groups for p in g["params"])
@@ -182,11 +197,10 @@ class SAETrainingModule(L.LightningModule):
             if hasattr(sae, "k"):
                 sae.k = k_at(tokens, spec.k, spec.k_start, spec.k_anneal_tokens)
             settings = LossSettings(
-                sparsity_coefficient=warmup(tokens // n, spec.default_sparsity(),
-                                            spec.sparsity_warmup_tokens // n),
+                sparsity_coefficient=self.control[sid].at(tokens, n),
                 aux_k_alpha=spec.aux_k_alpha, aux_k=spec.aux_k or sae.cfg.d_in // 2,
                 ghost_grads=spec.ghost_grads)
-            dead = self.stats[sid].tokens_since_fired >= spec.dead_tokens
+            dead = self.stats[sid].tokens_since_fired >= spec.dead_window(self.cfg.tokens)
             out = self._loss_fn(spec)(sae, x, settings, dead)
             steps.append((x, out, dead, settings))
             bad += [0, 0 if torch.isfinite(out.loss) else 1]
@@ -198,6 +212,7 @@ class SAETrainingModule(L.LightningModule):
         total = None
         for (sid, sae), (x, out, dead, settings), c in zip(self.saes.items(), steps, counts):
             self.stats[sid].record(c, n, count_density)
+            self.control[sid].update(float(c.sum()) / n)  # the same on every process
             if log_now:
                 self.step_metrics[sid] = self._metrics(sae, x, out, dead, settings, sid, n)
             total = out.loss if total is None else total + out.loss

@@ -107,12 +107,19 @@ def api_feature(request: Request, ref: str, index: int):
     return views.feature(ref, index, _db(request), request.app.state.models)
 
 
-@router.get("/search", summary="Label full-text search (every word must match)")
+@router.get("/search", summary="Label search: full text (every word must match), by meaning, "
+                              "or both fused",
+            description="`mode=meaning` ranks by cosine of sentence embeddings (`rank` is the "
+                        "cosine), `mode=hybrid` fuses the word and meaning ranks (`rank` is the "
+                        "fused score). By meaning or hybrid with `model` and no `sae`, every SAE "
+                        "of the model is searched and `groups` lists each version's best "
+                        "`limit` hits; otherwise `groups` is null.")
 def api_search(request: Request, q: str, model: str | None = None, hook: str | None = None,
                sae: str | None = None, min_rate: float | None = None,
-               max_rate: float | None = None, limit: int = Query(50, ge=1, le=500)):
+               max_rate: float | None = None, limit: int = Query(50, ge=1, le=500),
+               mode: Literal["words", "meaning", "hybrid"] = "words"):
     return views.search(q, model=model, hook=hook, sae=sae, min_rate=min_rate,
-                        max_rate=max_rate, limit=limit, database_url=_db(request))
+                        max_rate=max_rate, limit=limit, mode=mode, database_url=_db(request))
 
 
 @router.get("/sae/{ref}/presets", summary="Steering presets bound to a version")

@@ -84,14 +84,14 @@ def feature_page(request: Request, ref: str, index: int):
 
 @router.get("/search", response_class=HTMLResponse)
 def search_page(request: Request, q: str = "", model: str = "", hook: str = "", sae: str = "",
-                min_rate: str = "", max_rate: str = ""):
+                min_rate: str = "", max_rate: str = "", mode: str = "words"):
     min_rate, max_rate = _number(min_rate, "min_rate"), _number(max_rate, "max_rate")
     filters = {"model": model, "hook": hook, "sae": sae, "min_rate": min_rate,
-               "max_rate": max_rate}
+               "max_rate": max_rate, "mode": mode}
     data = None
     if q.strip():
         data = views.search(q, model=model, hook=hook, sae=sae, min_rate=min_rate,
-                            max_rate=max_rate, database_url=_db(request))
+                            max_rate=max_rate, mode=mode, database_url=_db(request))
     return render(request, "search.html", q=q, filters=filters, data=data)
 
 

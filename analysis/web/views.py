@@ -36,10 +36,12 @@ def _catalog(database_url):
 
 
 def get_version(ref: str, database_url: str | None = None):
-    """The catalog version ``ref`` names (``NAME``, ``NAME@3``, ``NAME@alias`` only)."""
+    """The catalog version ``ref`` names (``NAME``, ``NAME@3``, ``NAME@alias``, or the
+    ``saelens://RELEASE/ID`` of a release SAE already pulled; nothing is downloaded here)."""
     parsed = parse_ref(ref)
-    if parsed.kind != "catalog":
-        raise UsageError(f"{ref!r} is not a catalog reference (NAME, NAME@3, NAME@alias)")
+    if parsed.kind not in ("catalog", "release"):
+        raise UsageError(f"{ref!r} is not a catalog reference (NAME, NAME@3, NAME@alias, "
+                         "saelens://RELEASE/ID)")
     return _catalog(database_url).get(parsed)
 
 
@@ -199,7 +201,8 @@ def _stats(run, st) -> dict[str, Any] | None:
 
 def _neighbors(info, index: int, database_url, models=None) -> list[dict[str, Any]]:
     """Nearest features by decoder cosine in this version and in a few other versions on the
-    same model and hook (computed once, then stored by the library)."""
+    same model and hook: stored ones when the library has them, else computed from the
+    server's loaded SAEs (not written: a page view stays a read)."""
     from saereg.analysis.neighbors import neighbors
 
     others = [r.ref for r in _catalog(database_url).list(model=info.model, hook=info.hook)
@@ -212,8 +215,9 @@ def _neighbors(info, index: int, database_url, models=None) -> list[dict[str, An
         try:
             group["features"] = [{"ref": n.ref, "index": n.index, "cosine": n.cosine,
                                "label": n.label}
-                              for n in neighbors(info.ref, index, other=other, k=8,
-                                                 database_url=database_url, load=load)]
+                              for n in neighbors(info, index, other=other, k=8,
+                                                 database_url=database_url, load=load,
+                                                 store=False)]
         except Exception as e:  # noqa: BLE001 - one section of the page, not the page
             from saereg.analysis.web.errors import describe
 
@@ -254,9 +258,9 @@ def feature(ref: str, index: int, database_url: str | None = None, models=None
     from saereg.analysis.labels import current, history
     from saereg.analysis.stats import feature_stats
 
-    info, run, st = feature_stats(get_version(ref, database_url).ref, index,
+    info, run, st = feature_stats(get_version(ref, database_url), index,
                                   database_url=database_url)
-    labels = history(info.ref, index, database_url=database_url)
+    labels = history(info, index, database_url=database_url)
     cur = current(labels)
     return {"ref": info.ref, "name": info.name, "version": info.number, "index": index,
             "d_sae": info.d_sae, "model": info.model, "hook": info.hook,
@@ -268,20 +272,46 @@ def feature(ref: str, index: int, database_url: str | None = None, models=None
             "next": index + 1 if index + 1 < info.d_sae else None}
 
 
+SEARCH_MODES = ("words", "meaning", "hybrid")
+
+
+def _hit(h) -> dict[str, Any]:
+    return {"ref": h.ref, "index": h.feature_index, "label": h.label, "method": h.method,
+            "status": h.status, "firing_rate": h.firing_rate, "rank": h.rank,
+            "matched": h.matched}
+
+
 def search(q: str, *, model: str | None = None, hook: str | None = None,
            sae: str | None = None, min_rate: float | None = None,
-           max_rate: float | None = None, limit: int = 50,
+           max_rate: float | None = None, limit: int = 50, mode: str = "words",
            database_url: str | None = None) -> dict[str, Any]:
+    """Word, meaning or hybrid search. By meaning (or hybrid) with a model and no SAE the
+    query runs over every SAE of the model: ``groups`` holds each version's best ``limit``
+    hits (``hits`` all of them, group after group); otherwise ``groups`` is None."""
     from saereg.analysis.search import search_labels
 
-    hits = search_labels(q, model=model or None, hook=hook or None, sae=sae or None,
-                         min_rate=min_rate, max_rate=max_rate, limit=limit,
-                         database_url=database_url)
-    return {"q": q, "filters": {"model": model or "", "hook": hook or "", "sae": sae or "",
-                                "min_rate": min_rate, "max_rate": max_rate},
-            "hits": [{"ref": h.ref, "index": h.feature_index, "label": h.label,
-                      "method": h.method, "status": h.status, "firing_rate": h.firing_rate,
-                      "rank": h.rank, "matched": h.matched} for h in hits]}
+    if mode not in SEARCH_MODES:
+        raise UsageError(f"mode must be one of {', '.join(SEARCH_MODES)}, got {mode!r}")
+    kw = dict(hook=hook or None, min_rate=min_rate, max_rate=max_rate, limit=limit,
+              database_url=database_url)
+    groups = None
+    if mode == "words":
+        hits = search_labels(q, model=model or None, sae=sae or None, **kw)
+    else:
+        from saereg.analysis import semantic
+
+        if model and not sae:
+            found = semantic.search_meaning_grouped(q, model=model, hybrid=mode == "hybrid", **kw)
+            groups = [{"ref": g.ref, "sae": g.sae, "version": g.version, "hook": g.hook,
+                       "hits": [_hit(h) for h in g.hits]} for g in found]
+            hits = [h for g in found for h in g.hits]
+        else:
+            hits = semantic.search_meaning(q, model=model or None, sae=sae or None,
+                                           hybrid=mode == "hybrid", **kw)
+    return {"q": q, "mode": mode,
+            "filters": {"model": model or "", "hook": hook or "", "sae": sae or "",
+                        "min_rate": min_rate, "max_rate": max_rate},
+            "hits": [_hit(h) for h in hits], "groups": groups}
 
 
 def steering_runs(info, database_url: str | None = None, limit: int = 50

@@ -119,18 +119,53 @@ def label(ref, index, text, status, heuristic, llm, set_id, show_history):
 
 @click.command()
 @click.argument("query")
+@click.option("--meaning", is_flag=True, help="Rank by meaning (cosine of sentence embeddings) "
+              "instead of matching words.")
+@click.option("--hybrid", is_flag=True, help="Fuse the word and meaning ranks (reciprocal rank "
+              "fusion).")
 @click.option("--model", default=None)
 @click.option("--hook", default=None)
 @click.option("--sae", default=None, help="SAE name.")
 @click.option("--min-rate", type=float, default=None, help="Lowest firing rate (0..1).")
 @click.option("--max-rate", type=float, default=None, help="Highest firing rate (0..1).")
-@click.option("--limit", default=20, show_default=True, type=int)
-def search(query, model, hook, sae, min_rate, max_rate, limit):
-    """Search feature labels (every word must match), best first.
+@click.option("--limit", default=20, show_default=True, type=int,
+              help="Features listed (per SAE version when grouped).")
+def search(query, meaning, hybrid, model, hook, sae, min_rate, max_rate, limit):
+    """Search feature labels (every word must match), best first; or by meaning.
 
     Every label a feature has had is searched (rejected ones never), and each feature is listed
     once, with its current label, the one `saereg feature show` shows, even when the query
-    matched an older label that the current one superseded."""
+    matched an older label that the current one superseded.
+
+    With --meaning or --hybrid and --model but no --sae, the query runs over every SAE of the
+    model and the hits are grouped by SAE version."""
+    from saereg.registry.errors import UsageError
+
+    if meaning and hybrid:
+        raise UsageError("give --meaning or --hybrid, not both")
+    if meaning or hybrid:
+        from saereg.analysis import semantic
+
+        kw = dict(hook=hook, min_rate=min_rate, max_rate=max_rate, limit=limit, hybrid=hybrid)
+        if model and not sae:
+            groups = semantic.search_meaning_grouped(query, model=model, **kw)
+            if not groups:
+                click.echo("no matching features")
+            for g in groups:
+                click.echo(f"== {g.ref}\t{g.hook}")
+                for h in g.hits:
+                    click.echo(_hit_line(h, score=True))
+        else:
+            hits = semantic.search_meaning(query, model=model, sae=sae, **kw)
+            if not hits:
+                click.echo("no matching features")
+            for h in hits:
+                click.echo(_hit_line(h, score=True))
+        missing = semantic.unembedded()
+        if missing:
+            click.echo(f"note: {missing} labels have no embedding yet and were not searched; "
+                       "run `saereg labels embed`", err=True)
+        return
     from saereg.analysis.search import search_labels
 
     hits = search_labels(query, model=model, hook=hook, sae=sae, min_rate=min_rate,
@@ -138,9 +173,35 @@ def search(query, model, hook, sae, min_rate, max_rate, limit):
     if not hits:
         click.echo("no matching features")
     for h in hits:
-        rate = "-" if h.firing_rate is None else f"{h.firing_rate:.2e}"
-        matched = f"\t(matched an older label: {h.matched})" if h.matched else ""
-        click.echo(f"{h.ref}\t{h.feature_index}\t{rate}\t{h.method}\t{h.label}{matched}")
+        click.echo(_hit_line(h))
+
+
+def _hit_line(h, score: bool = False) -> str:
+    rate = "-" if h.firing_rate is None else f"{h.firing_rate:.2e}"
+    matched = f"\t(matched an older label: {h.matched})" if h.matched else ""
+    head = f"{h.ref}\t{h.feature_index}\t{rate}\t{h.method}\t" + (f"{h.rank:.3f}\t" if score
+                                                               else "")
+    return f"{head}{h.label}{matched}"
+
+
+@click.group()
+def labels():
+    """Feature labels across SAEs: sentence embeddings for search by meaning."""
+
+
+@labels.command("embed")
+@click.option("--sae", "ref", default=None, help="Only the labels of this SAE version "
+              "(default: every label in the catalog).")
+def labels_embed(ref):
+    """Embed every label that has no embedding yet (labels pulled from the hub, or written
+    before search by meaning existed); safe to stop and run again."""
+    from saereg.analysis.embed import EMBED_MODEL, backfill
+
+    def progress(done, total):
+        click.echo(f"embedded {done}/{total}", err=True)
+
+    added = backfill(ref, progress=progress)
+    click.echo(f"{added} labels embedded with {EMBED_MODEL}")
 
 
 @click.command("explain-prompt")

@@ -17,9 +17,10 @@ import sys
 import click
 
 from saereg.commands.cache import cache
-from saereg.commands.features import analyze, explain_prompt, feature, label, search
+from saereg.commands.features import analyze, explain_prompt, feature, label, labels, search
 from saereg.commands.formats import sae_convert, sae_import
 from saereg.commands.options import command_context, flag_for
+from saereg.commands.releases import releases
 from saereg.commands.sae import db, gc, sae
 from saereg.commands.serve import serve
 from saereg.commands.steer import preset, steer
@@ -76,7 +77,8 @@ def cli() -> None:
 sae.add_command(sae_import)  # foreign layouts in and out, beside the catalog commands
 sae.add_command(sae_convert)
 for command in (models, train, cache, quickstart, sae, db, gc, sync, analyze, feature, label,
-                search, explain_prompt, preset, steer, neighbors, eval_cmd, serve):
+                labels, search, explain_prompt, preset, steer, neighbors, eval_cmd, serve,
+                releases):
     cli.add_command(command)
 
 

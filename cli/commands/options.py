@@ -61,7 +61,8 @@ class Count(click.ParamType):
 
 
 def comma_list(item: type = str) -> Callable:
-    """Click callback: 'a,b,c' -> a list (of ints, counts allowed, when ``item`` is int)."""
+    """Click callback: 'a,b,c' -> a list (of ints, counts allowed, when ``item`` is int; of
+    floats when it is float)."""
     def convert(_ctx, _param, value):
         if value is None:
             return None
@@ -71,6 +72,11 @@ def comma_list(item: type = str) -> Callable:
                 parts = [parse_count(v) for v in parts]
             except ValueError:
                 raise click.BadParameter(f"{value!r} is not a comma-separated list of integers")
+        elif item is float:
+            try:
+                parts = [float(v) for v in parts]
+            except ValueError:
+                raise click.BadParameter(f"{value!r} is not a comma-separated list of numbers")
         if not parts:
             raise click.BadParameter(f"{value!r} holds no value")
         return parts
@@ -183,9 +189,10 @@ def _field_option(cls: type, f: dataclasses.Field, hint: Any, doc: str | None, o
             raise TypeError(f"{cls.__name__}.{name} defaults to True: give it a --no- option")
     elif opt.sweep or (origin is list and not opt.multiple):
         item = typing.get_args(base)[0] if origin is list else base
-        if item not in (int, str):
+        if item not in (int, float, str):
             raise TypeError(f"{cls.__name__}.{name}: no comma-separated form for {item}")
-        attrs.update(callback=comma_list(item), metavar="INT,..." if item is int else "TEXT,...")
+        metavar = {int: "INT,...", float: "FLOAT,...", str: "TEXT,..."}[item]
+        attrs.update(callback=comma_list(item), metavar=metavar)
         if opt.sweep:
             attrs["help"] = f"{doc} Comma-separated values train one SAE each."
         else:

@@ -14,7 +14,8 @@ from saereg.registry.errors import UsageError
 @click.group()
 def sync() -> None:
     """Hugging Face Hub: push versions to a repo (SAELens layout plus registry.json,
-    features.parquet and a model card), pull published SAEs into the catalog.
+    features.parquet and a model card), pull published SAEs into the catalog (by repo, or by
+    the release names of SAELens's table: see `saereg releases`).
 
     Credentials: HF_TOKEN or huggingface_hub's stored login; HF_ENDPOINT picks the server."""
 
@@ -44,15 +45,38 @@ def sync_push(ref: str, repo: str, path: str | None, private: bool, all_versions
 
 
 @sync.command("pull")
-@click.argument("spec", metavar="ORG/NAME[@REV]")
+@click.argument("spec", metavar="[ORG/NAME[@REV]]", required=False)
 @click.option("--path", default=None,
               help="Only the SAE folder(s) under this folder of the repo (relative to its root).")
 @click.option("--name", default=None, help="Catalog name for the pulled SAE (one folder only).")
-def sync_pull(spec: str, path: str | None, name: str | None) -> None:
-    """Register the SAEs of a Hub repo into the local catalog, checksums verified."""
+@click.option("--release", default=None,
+              help="Pull by name: a release of SAELens's table (see `saereg releases`).")
+@click.option("--sae-id", default=None, help="With --release: the SAE id in that release.")
+@click.option("--revision", default=None, help="With --release: branch, tag or commit "
+              "(default main; pinned to its commit).")
+def sync_pull(spec: str | None, path: str | None, name: str | None, release: str | None,
+              sae_id: str | None, revision: str | None) -> None:
+    """Register the SAEs of a Hub repo into the local catalog, checksums verified; or, with
+    --release and --sae-id, one SAE that SAELens's release table names, converted from its
+    layout and checked to encode as that layout defines."""
     from saereg.registry.hub import sync as hub
     from saereg.registry.refs import format_hf_ref
 
+    if release is not None or sae_id is not None:
+        if spec is not None or path is not None or not (release and sae_id):
+            raise UsageError("pull by name takes --release and --sae-id together, without "
+                             "ORG/NAME or --path")
+        from saereg.registry.hub.release_pull import pull_release
+
+        p = pull_release(release, sae_id, revision=revision, name=name)
+        state = "registered as" if p.added else "already in the catalog as"
+        click.echo(f"{release}/{sae_id} ({p.layout}, {format_hf_ref(p.repo, p.path, p.commit[:12])}"
+                   f"): {state} {p.ref}")
+        return
+    if spec is None:
+        raise UsageError("give ORG/NAME[@REV], or --release and --sae-id")
+    if revision is not None:
+        raise UsageError("--revision goes with --release; write ORG/NAME@REV instead")
     for p in hub.pull(spec, path=path, name=name):
         state = "registered as" if p.added else "already in the catalog as"
         extra = []

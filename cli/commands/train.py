@@ -34,6 +34,9 @@ TRAIN_OPTIONS = {
     "architecture": Opt(flag="--arch", dest="archs", sweep=True),
     "k": Opt(dest="ks", sweep=True),
     "expansion": Opt(dest="expansions", sweep=True),
+    "sparsity_coefficient": Opt(dest="sparsity_coefficients", sweep=True),
+    "target_l0": Opt(dest="target_l0s", sweep=True),
+    "lr": Opt(dest="lrs", sweep=True),
     "tokens": Opt(count=True),
     "batch_tokens": Opt(count=True),
     "buffer_tokens": Opt(count=True),
@@ -89,16 +92,27 @@ def train(model: str | None, no_progress: bool, register: str | None, resume: st
           **options) -> None:
     """Train SAEs on MODEL's activations at one or more hook points, from one model pass.
 
-    Every combination of --hook, --arch, --k and --expansion trains its own SAE with its own
-    MLflow run. Example:
+    Every combination of --hook, --arch, --k, --expansion, --sparsity-coefficient,
+    --target-l0 and --lr trains its own SAE with its own MLflow run and folder (k applies to
+    topk, batchtopk and matryoshka; the coefficient and the target L0 to relu, jumprelu and
+    gated), all from one model pass. Examples:
 
         saereg train smollm2-135m --hook model.layers.6 --hook model.layers.12 --k 32 --tokens 2M
+
+        saereg train smollm2-135m --hook 6 --arch relu,jumprelu --target-l0 16,32,64
     """
-    from saereg.training.config import sweep
     from saereg.training.job import run_training
+    from saereg.training.sweep import sweep
 
     if resume:
-        _finish(run_training(resume=_job_dir(resume), progress=not no_progress), register)
+        from saereg.training.job import finished_message
+
+        job_dir = _job_dir(resume)
+        done = finished_message(job_dir)
+        if done:  # nothing to do, and nothing wrong: exit 0
+            click.echo(done)
+            return
+        _finish(run_training(resume=job_dir, progress=not no_progress), register)
         return
     hooks = options.pop("hooks")
     if options["from_cache"]:
@@ -116,6 +130,8 @@ def train(model: str | None, no_progress: bool, register: str | None, resume: st
         raise click.UsageError("at least one --hook is required; list them with: "
                                "saereg models hooks MODEL")
     saes = sweep(list(hooks), options.pop("archs"), options.pop("ks"), options.pop("expansions"),
+                 sparsity_coefficients=options.pop("sparsity_coefficients"),
+                 target_l0s=options.pop("target_l0s"), lrs=options.pop("lrs"),
                  **fields_of(SAETrainConfig, options))
     cfg = TrainConfig(model=model, saes=saes, **fields_of(TrainConfig, options))
     _finish(run_training(cfg, progress=not no_progress), register)

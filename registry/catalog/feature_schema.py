@@ -7,7 +7,9 @@ replaces an old one. *Feature labels* are append-only: relabelling adds a row th
 searched through SQLite FTS5 (table ``feature_labels_fts``, kept by triggers) or a PostgreSQL
 full-text GIN index, both made by the migration only. *Steering presets* are versioned data
 (name + version, unique); *steering runs* keep the default and steered continuations produced
-with a preset version.
+with a preset version. *Label embeddings* hold one sentence embedding per label and embedding
+model (float32 bytes, written by the analysis layer when it writes the label, or back-filled)
+for search by meaning.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from sqlalchemy import (
     ForeignKeyConstraint,
     Index,
     Integer,
+    LargeBinary,
     String,
     Text,
     UniqueConstraint,
@@ -91,6 +94,7 @@ class FeatureLabel(Base):
         ForeignKeyConstraint(["version_id", "feature_index"],
                              ["features.version_id", "features.feature_index"]),
         Index(None, "version_id", "feature_index"),
+        Index(None, "version_id", "id"),  # label-id range of a version, for word search
         CheckConstraint("method IN ('human', 'heuristic', 'llm')", name="method"),
         CheckConstraint("status IN ('candidate', 'accepted', 'rejected')", name="status"),
     )
@@ -106,6 +110,21 @@ class FeatureLabel(Base):
     detection_score: Mapped[float | None] = mapped_column(Float)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     created_by: Mapped[str] = mapped_column(String(128))
+
+
+class LabelEmbedding(Base):
+    """The sentence embedding of one label by one embedding model: ``dim`` float32 values,
+    little-endian, unit length (``vector``). Never updated; ``id`` only grows, so the newest
+    row tells a reader whether anything was added."""
+
+    __tablename__ = "label_embeddings"
+    __table_args__ = (UniqueConstraint("label_id", "model"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    label_id: Mapped[int] = mapped_column(ForeignKey("feature_labels.id"))
+    model: Mapped[str] = mapped_column(String(128))
+    dim: Mapped[int] = mapped_column(Integer)
+    vector: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
 class SteeringPreset(Base):

@@ -127,6 +127,8 @@ def find_sae(s: Session, name: str, *, lock: bool = False) -> SAERecord:
 def find_version(s: Session, ref: Ref | str, *, lock_sae: bool = False) -> SAEVersion:
     """The version a catalog reference names, or an error listing what exists."""
     ref = parse_ref(ref) if isinstance(ref, str) else ref
+    if ref.kind == "release":
+        ref = parse_ref(pulled_release(s, ref))
     if ref.kind != "catalog":
         raise UsageError(f"{ref.text!r} is not a catalog reference (NAME, NAME@3, NAME@alias)")
     sae = find_sae(s, ref.name, lock=lock_sae)
@@ -146,6 +148,34 @@ def find_version(s: Session, ref: Ref | str, *, lock_sae: bool = False) -> SAEVe
         wanted = str(ref.version) if ref.version is not None else (ref.alias or "latest")
         raise VersionNotFoundError(ref.name, wanted, list(numbers), list(aliases))
     return version
+
+
+RELEASE_TAG, SAE_ID_TAG = "saelens.release", "saelens.sae_id"
+"""The tags a pull by release name records (see :mod:`saereg.registry.hub.release_pull`)."""
+
+
+def release_tag(release: str) -> str:
+    """The tag key that marks a version as SAE ``<value>`` of ``release`` (one per release: a
+    repo folder that two releases name is one version, tagged by both)."""
+    return f"saelens:{release}"
+
+
+def pulled_release(s: Session, ref: Ref) -> str:
+    """The newest version pulled from the release SAE that a ``saelens://`` reference names
+    (``NAME@N``), or an error saying how to pull it."""
+    from saereg.registry.errors import NotFoundError
+
+    row = s.execute(
+        select(SAERecord.name, SAEVersion.number).select_from(SAEVersion)
+        .join(SAERecord, SAERecord.id == SAEVersion.sae_id)
+        .join(VersionTag, and_(VersionTag.version_id == SAEVersion.id,
+                               VersionTag.key == release_tag(ref.name),
+                               VersionTag.value == ref.repo_path))
+        .order_by(SAEVersion.created_at.desc(), SAEVersion.id.desc()).limit(1)).first()
+    if row is None:
+        raise NotFoundError("pulled release SAE", ref.text, hint="pull it first: saereg sync "
+                            f"pull --release {ref.name} --sae-id {ref.repo_path}")
+    return format_ref(row[0], row[1])
 
 
 def version_info(s: Session, version_id: int) -> VersionInfo:

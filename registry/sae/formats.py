@@ -13,8 +13,13 @@ Layouts read:
 - ``dictionary_learning``: ae.pt (a state dict, read with ``torch.load(weights_only=True)``)
   plus config.json whose ``trainer.dict_class`` is AutoEncoder (``encoder.weight`` [d_sae, d_in],
   ``encoder.bias``, ``decoder.weight`` [d_in, d_sae], ``bias``: ReLU(encoder(x - bias))),
-  AutoEncoderTopK (``b_dec`` instead of ``bias``, ``k``) or BatchTopKSAE (plus a scalar
-  ``threshold``: a jumprelu with that threshold on every latent).
+  AutoEncoderTopK (``b_dec`` instead of ``bias``, ``k``), BatchTopKSAE or
+  MatryoshkaBatchTopKSAE (plus a scalar ``threshold``: a jumprelu with that threshold on every
+  latent) or JumpReluAutoEncoder (``W_enc`` [d_in, d_sae], ``b_enc``, ``W_dec``, ``b_dec``,
+  ``threshold``: JumpReLU on x @ W_enc + b_enc, b_dec not subtracted) or GatedAutoEncoder
+  (``encoder.weight`` without bias, ``decoder.weight``, ``decoder_bias``, ``gate_bias``,
+  ``mag_bias``, ``r_mag``: with e = encoder(x - decoder_bias), ReLU(exp(r_mag) e + mag_bias)
+  where e + gate_bias > 0).
 
 Nothing is unpickled: safetensors, JSON, npz without pickles, ``torch.load`` with
 ``weights_only=True``.
@@ -129,26 +134,42 @@ def _read_dictionary_learning(p: Path):
     if not isinstance(st, dict):
         raise SAEFormatError(f"{p / 'ae.pt'} is not a state dict")
     cls = trainer.get("dict_class") or ("AutoEncoder" if "bias" in st else "AutoEncoderTopK")
-    meta = {"model_name": trainer.get("lm_name"), "hook_name": trainer.get("submodule_name")}
+    layer = trainer.get("layer")
+    meta = {"model_name": trainer.get("lm_name"), "hook_name": trainer.get("submodule_name") or (
+        f"blocks.{layer}.hook_resid_post" if isinstance(layer, int) else None)}
     meta = {k: v for k, v in meta.items() if v}
+    if cls == "JumpReluAutoEncoder":  # encodes x @ W_enc + b_enc, no b_dec subtracted
+        _need(st, ("W_enc", "b_enc", "W_dec", "b_dec", "threshold"), p / "ae.pt")
+        return _build("jumprelu", {k: st[k] for k in ("W_enc", "b_enc", "W_dec", "b_dec",
+                                                      "threshold")},
+                      apply_b_dec=False, metadata=meta, where=p)
+    if cls == "GatedAutoEncoder":  # gate and magnitude share encoder(x - decoder_bias)
+        _need(st, ("encoder.weight", "decoder.weight", "decoder_bias", "gate_bias", "mag_bias",
+                   "r_mag"), p / "ae.pt")
+        return _build("gated", {"W_enc": st["encoder.weight"].T.contiguous(),
+                                "W_dec": st["decoder.weight"].T.contiguous(),
+                                "b_dec": st["decoder_bias"], "b_gate": st["gate_bias"],
+                                "b_mag": st["mag_bias"], "r_mag": st["r_mag"]},
+                      metadata=meta, where=p)
     if cls == "AutoEncoder":
         _need(st, ("encoder.weight", "encoder.bias", "decoder.weight", "bias"), p / "ae.pt")
         return _build("relu", {"W_enc": st["encoder.weight"].T.contiguous(),
                                "b_enc": st["encoder.bias"],
                                "W_dec": st["decoder.weight"].T.contiguous(),
                                "b_dec": st["bias"]}, metadata=meta, where=p)
-    if cls in ("AutoEncoderTopK", "BatchTopKSAE"):
+    if cls in ("AutoEncoderTopK", "BatchTopKSAE", "MatryoshkaBatchTopKSAE"):
         _need(st, ("encoder.weight", "encoder.bias", "decoder.weight", "b_dec"), p / "ae.pt")
         k = int(st["k"]) if "k" in st else trainer.get("k")
         tensors = {"W_enc": st["encoder.weight"].T.contiguous(), "b_enc": st["encoder.bias"],
                    "W_dec": st["decoder.weight"].T.contiguous(), "b_dec": st["b_dec"]}
-        if cls == "BatchTopKSAE" and "threshold" in st and float(st["threshold"]) >= 0:
+        if cls != "AutoEncoderTopK" and "threshold" in st and float(st["threshold"]) >= 0:
             d_sae = tensors["W_enc"].shape[1]
             tensors["threshold"] = st["threshold"].float().reshape(()).expand(d_sae).clone()
             return _build("jumprelu", tensors, metadata=meta, where=p)
         return _build("topk", tensors, k=k, metadata=meta, where=p)
     raise SAEFormatError(f"{p}: dictionary_learning class {cls!r} is not supported (AutoEncoder, "
-                         "AutoEncoderTopK, BatchTopKSAE)")
+                         "AutoEncoderTopK, BatchTopKSAE, MatryoshkaBatchTopKSAE, "
+                         "JumpReluAutoEncoder, GatedAutoEncoder)")
 
 
 def read_foreign(path: str | Path, fmt: str = "auto"):

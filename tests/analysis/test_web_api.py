@@ -31,7 +31,8 @@ from feature_helpers import register_tiny_sae
 from sqlalchemy import func, select
 
 from saereg.registry.catalog import db
-from saereg.registry.catalog.feature_schema import FeatureLabel, SteeringPreset, SteeringRun
+from saereg.registry.catalog.feature_schema import (FeatureLabel, FeatureNeighbor, SteeringPreset,
+                                                SteeringRun)
 from saereg.registry.errors import UsageError
 
 fastapi = pytest.importorskip("fastapi")
@@ -135,6 +136,15 @@ def test_pages_and_their_json_twins(web):
     groups = {g["ref"]: g for g in f["neighbors"]}
     assert set(groups) == {ref, web.other} and all(len(g["features"]) == 8 for g in groups.values())
     assert all(n["index"] != i for n in groups[ref]["features"])
+    # computed from the server's loaded SAE without a write: a page view stays a read, and
+    # gives what the library stores when asked
+    with db.session() as s:
+        assert s.scalar(select(func.count()).select_from(FeatureNeighbor)) == 0
+    from saereg.analysis.neighbors import neighbors
+
+    stored = neighbors(ref, i, k=8)
+    assert [(n["index"], round(n["cosine"], 5)) for n in groups[ref]["features"]] == [
+        (n.index, round(n.cosine, 5)) for n in stored]
     assert (f["prev"], f["next"]) == (i - 1 if i else None, i + 1 if i < 95 else None)
     page = c.get(f"/sae/{ref}/feature/{i}").text
     assert page.count('<rect class="bar"') == 40

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-CATALOG_TABLES = ("version_evals", "feature_neighbors", "steering_runs", "steering_presets", "feature_labels", "feature_stats",
+CATALOG_TABLES = ("version_evals", "feature_neighbors", "steering_runs", "steering_presets", "label_embeddings", "feature_labels", "feature_stats",
                   "stats_runs", "publications", "version_notes", "version_tags", "features", "alias_events",
                   "aliases", "version_files", "sae_versions", "saes", "language_models")
 TRACKING_EXPERIMENT = "sae-registry"

@@ -45,6 +45,10 @@ PASSWORD = "s3cret-pw-42"
 UNREACHABLE = f"postgresql+psycopg://postgres:{PASSWORD}@127.0.0.1:1/x"
 FEATURE_TABLES = ["feature_labels", "feature_neighbors", "feature_stats", "stats_runs",
                   "steering_presets", "steering_runs", "version_evals"]
+LATER_TABLES = ["label_embeddings"]  # made by the revisions after 0004_feature_catalog
+REVISIONS = [r.revision for r in migrate.history()]
+TO_0003 = f"-{len(REVISIONS) - REVISIONS.index('0003_publications') - 1}"
+"""The steps down from head to 0003_publications (below the feature catalog)."""
 
 
 def seed(url: str) -> None:
@@ -128,7 +132,11 @@ def test_one_step_downgrade_lists_labels_and_presets_and_is_refused(seeded):
     assert result.exit_code == 1
     line = error_line(result)
     assert "No such option" not in result.output
-    assert "0004_feature_catalog -> 0003_publications" in line
+    assert f"{REVISIONS[-1]} -> {REVISIONS[-2]}" in line and "--yes" in line
+    result = invoke("db", "downgrade", TO_0003)
+    assert result.exit_code == 1
+    line = error_line(result)
+    assert f"{REVISIONS[-1]} -> 0003_publications" in line
     assert "table feature_labels (2 rows)" in line and "table steering_presets (1 row)" in line
     assert "table saes" not in line and "--yes" in line
     result = invoke("db", "downgrade", "0001_catalog")  # steps that drop columns
@@ -145,15 +153,15 @@ def test_one_step_downgrade_lists_labels_and_presets_and_is_refused(seeded):
 
 def test_downgrade_with_yes_drops_exactly_what_it_listed(seeded):
     before = tables(seeded)
-    result = invoke("db", "downgrade", "-1", "--yes")
+    result = invoke("db", "downgrade", TO_0003, "--yes")
     assert result.exit_code == 0, result.output
     listed = [line.split()[1] for line in result.output.splitlines()
               if line.startswith("  table ")]
-    assert listed == FEATURE_TABLES
+    assert sorted(listed) == sorted(FEATURE_TABLES + LATER_TABLES)
     assert "  table feature_labels (2 rows)" in result.output.splitlines()
     assert revision(seeded) == "0003_publications"
     assert {t for t in before - tables(seeded) if not t.startswith("feature_labels_fts")} == set(
-        FEATURE_TABLES)
+        FEATURE_TABLES + LATER_TABLES)
     from sqlalchemy import text
 
     with db.get_engine(seeded, check_schema=False).connect() as conn:
@@ -193,13 +201,14 @@ def run_at_a_terminal(args: list[str], answer: bytes) -> tuple[int, str]:
 
 def test_downgrade_at_a_terminal_asks_and_no_keeps_everything(seeded):
     before = table_counts(seeded)
-    code, out = run_at_a_terminal(["db", "downgrade", "-1"], b"n")
+    code, out = run_at_a_terminal(["db", "downgrade", TO_0003], b"n")
     assert code == 1 and "Aborted" in out, out
-    assert "  table feature_labels (2 rows)" in out and "dropping 3 rows in all?" in out
+    rows = sum(before[t] for t in FEATURE_TABLES + LATER_TABLES if t in before)
+    assert "  table feature_labels (2 rows)" in out and f"dropping {rows} rows in all?" in out
     assert revision(seeded) == migrate.head_revision()
     assert table_counts(seeded) == before
     db.dispose_all()
-    code, out = run_at_a_terminal(["db", "downgrade", "-1"], b"y")
+    code, out = run_at_a_terminal(["db", "downgrade", TO_0003], b"y")
     assert code == 0, out
     assert revision(seeded) == "0003_publications"
 
@@ -214,8 +223,9 @@ def test_unknown_or_unreachable_revision_lists_the_known_ones(seeded, args):
     assert result.exit_code == 2, result.output
     line = error_line(result)
     assert repr(args[2]) in line
-    assert ("known revisions: base, 0001_catalog, 0002_key_metrics, 0003_publications, "
-            "0004_feature_catalog (head)") in line
+    assert f"known revisions: base, {', '.join(REVISIONS)} (head)" in line
+    assert REVISIONS[:4] == ["0001_catalog", "0002_key_metrics", "0003_publications",
+                             "0004_feature_catalog"]
     assert revision(seeded) == migrate.head_revision()
     assert table_counts(seeded) == before
 

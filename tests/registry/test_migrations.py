@@ -70,6 +70,8 @@ def norm(t) -> str:
         return "datetime"
     if isinstance(t, T.Float):
         return "float"
+    if isinstance(t, T.LargeBinary):
+        return "bytes"
     return repr(t)
 
 
@@ -271,13 +273,25 @@ EXPECTED_SCHEMA = {
         "pk": ("id",),
         "unique": [],
         "indexes": [("ix_feature_labels_version_id_feature_index",
-                     ("version_id", "feature_index"), False)],
+                     ("version_id", "feature_index"), False),
+                    ("ix_feature_labels_version_id_id", ("version_id", "id"), False)],
         "fks": [
             (("stats_run_id",), "stats_runs", ("id",)),
             (("supersedes_id",), "feature_labels", ("id",)),
             (("version_id", "feature_index"), "features", ("version_id", "feature_index")),
         ],
         "checks": ["ck_feature_labels_method", "ck_feature_labels_status"],
+    },
+    "label_embeddings": {
+        "columns": {
+            "id": "int", "label_id": "int", "model": "varchar(128)", "dim": "int",
+            "vector": "bytes", "created_at": "datetime",
+        },
+        "pk": ("id",),
+        "unique": [("uq_label_embeddings_label_id_model", ("label_id", "model"))],
+        "indexes": [],
+        "fks": [(("label_id",), "feature_labels", ("id",))],
+        "checks": [],
     },
     "steering_presets": {
         "columns": {
@@ -446,8 +460,24 @@ def seed_0003(conn) -> None:
                    "created_by": "alice"}])
 
 
+def seed_0004(conn) -> None:
+    """The 0003 data plus one label (0005 adds label embeddings: the label stays, unembedded)."""
+    seed_0003(conn)
+    conn.execute(sa.insert(table("feature_labels", "version_id", "feature_index", "text",
+                                 "method", "status", "created_at", "created_by")),
+                 [{"version_id": 1, "feature_index": 3, "text": "seeded label",
+                   "method": "human", "status": "candidate", "created_at": NOW,
+                   "created_by": "alice"}])
+
+
+def seed_0005(conn) -> None:
+    """The 0004 data (0006 adds only an index on feature_labels: the label stays)."""
+    seed_0004(conn)
+
+
 SEEDERS = {"0001_catalog": seed_0001, "0002_key_metrics": seed_0002,
-           "0003_publications": seed_0003}
+           "0003_publications": seed_0003, "0004_feature_catalog": seed_0004,
+           "0005_label_embeddings": seed_0005}
 
 
 def seed_at(url: str, revision: str) -> str:
@@ -513,12 +543,13 @@ def test_postgresql_is_never_migrated_silently(pg_empty_url, monkeypatch):
     result = CliRunner().invoke(cli, ["db", "current"])
     assert "0001_catalog" in result.output and "run `saereg db upgrade`" in result.output
     result = CliRunner().invoke(cli, ["db", "upgrade"])
-    assert result.exit_code == 0 and "0001_catalog -> 0004_feature_catalog" in result.output
+    assert result.exit_code == 0 and f"0001_catalog -> {migrate.head_revision()}" in result.output
     check_seeded(pg_empty_url, catalog_id)
     result = CliRunner().invoke(cli, ["db", "history"])
-    assert "0003_publications -> 0004_feature_catalog (head, current)" in result.output
+    assert "0004_feature_catalog -> 0005_label_embeddings" in result.output
+    assert f"{migrate.head_revision()} (head, current)" in result.output
     result = CliRunner().invoke(cli, ["db", "downgrade", "--yes"])
-    assert result.exit_code == 0 and current(pg_empty_url) == "0003_publications"
+    assert result.exit_code == 0 and current(pg_empty_url) == migrate.history()[-2].revision
 
 
 def test_newer_schema_is_refused(tmp_path):

@@ -55,8 +55,11 @@ def test_train_defaults_are_the_config_defaults():
     sae, job = SAETrainConfig(hook="h"), TrainConfig(model="m", saes=[SAETrainConfig(hook="h")])
     assert params["archs"] == [sae.architecture] and params["ks"] == [sae.k]
     assert params["expansions"] == [sae.expansion] and params["hooks"] == ()
-    for name in ("dead_tokens", "aux_k_alpha", "lr", "b_dec_init", "ghost_grads"):
+    for name in ("dead_tokens", "aux_k_alpha", "b_dec_init", "ghost_grads",
+                 "jumprelu_init_threshold", "jumprelu_bandwidth", "jumprelu_threshold_lr"):
         assert params[name] == getattr(sae, name), name
+    assert params["lrs"] is None and params["target_l0s"] is None  # unset: one SAE each
+    assert params["sparsity_coefficients"] is None
     for name in ("tokens", "batch_tokens", "buffer_tokens", "eval_tokens", "lr_warmup_steps",
                  "grad_clip", "adam_betas", "precision", "compile", "experiment", "seed"):
         assert params[name] == getattr(job, name), name

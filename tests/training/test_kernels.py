@@ -1,7 +1,8 @@
 """Sparse TopK kernels against the dense reference: the gathered decode, the encoder backward
 that touches only active latents, and the whole TopK + AuxK loss give the same values and the
-same gradients (torch.testing.assert_close) for every parameter, with and without dead latents,
-and the training module uses them."""
+same gradients (torch.testing.assert_close) for every parameter, with and without dead latents
+(none, fewer than k_aux, some, all; AuxK's products dense over the dead columns or as
+embedding bags), and the training module uses them."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ import torch
 
 import saereg.training.kernels as kernels_module
 from saereg.registry.sae.modules import SAEConfig, build_sae
-from saereg.training.kernels import (ActivePattern, gathered_pre_acts, release_workspaces,
-                                     sparse_decode, topk_encode, workspace)
+from saereg.training.kernels import (ActivePattern, AuxSelection, gathered_pre_acts,
+                                     release_workspaces, sparse_decode, topk_aux_encode,
+                                     topk_encode, workspace)
 from saereg.training.losses import LossSettings, compute_loss
 
 
@@ -124,9 +126,20 @@ def test_saes_of_different_widths_in_one_step_match_the_dense_reference():
             torch.testing.assert_close(p.grad, g_ref[name], rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("n_dead", [0, 5, 60])
-def test_topk_loss_and_grads_match_dense_reference(n_dead):
+@pytest.fixture(params=["dense", "bags"])
+def aux_mode(request, monkeypatch):
+    """AuxK's products over the dead latents either way: dense [B, n_dead] products, or
+    embedding bags over the sorted selection (the choice the kernels make by density)."""
+    monkeypatch.setattr(AuxSelection, "DENSE_ABOVE", 0.0 if request.param == "dense" else 2.0)
+    return request.param
+
+
+# 0 dead; fewer dead than k_aux (k_aux = n_dead); some; every latent dead
+@pytest.mark.parametrize("n_dead", [0, 5, 60, 96])
+@pytest.mark.parametrize("centred", [True, False])
+def test_topk_loss_and_grads_match_dense_reference(n_dead, centred, aux_mode):
     sae, x = make(seed=n_dead)
+    sae.cfg.apply_b_dec_to_input = centred
     dead = torch.zeros(sae.cfg.d_sae, dtype=torch.bool)
     dead[torch.randperm(sae.cfg.d_sae, generator=torch.Generator().manual_seed(1))[:n_dead]] = True
     ref = compute_loss(sae, x, LossSettings(aux_k=12, sparse_topk=False), dead)
@@ -139,9 +152,49 @@ def test_topk_loss_and_grads_match_dense_reference(n_dead):
     torch.testing.assert_close(fast.l0(), ref.l0())
     for key in ("mse", "aux_k"):
         torch.testing.assert_close(fast.terms[key], ref.terms[key])
-    assert (float(ref.terms["aux_k"]) > 0) == (n_dead > 0)
+    assert (float(ref.terms["aux_k"].detach()) > 0) == (n_dead > 0)
+    assert set(g_fast) == set(g_ref)
     for name in g_ref:
         torch.testing.assert_close(g_fast[name], g_ref[name], rtol=1e-4, atol=1e-5)
+    if 0 < n_dead < sae.cfg.d_sae:  # AuxK's gradient reaches the dead latents only
+        alive = ~dead
+        g_mse = grads(sae, compute_loss(sae, x, LossSettings(sparse_topk=False), dead).terms["mse"])
+        for name, cols in (("W_enc", (slice(None), alive)), ("W_dec", (alive,)),
+                           ("b_enc", (alive,))):
+            torch.testing.assert_close(g_fast[name][cols], g_mse[name][cols], rtol=1e-4,
+                                       atol=1e-5)
+        assert not torch.allclose(g_fast["W_dec"][dead], g_mse["W_dec"][dead])
+
+
+def test_aux_selection_covers_the_top_dead_pre_activations(aux_mode):
+    """topk_aux_encode picks, per token, the k_aux largest pre-activations among the dead
+    latents (indices into the dead set), and its two outputs carry the encoder gradient of
+    both terms, the input's own included."""
+    sae, x = make()
+    dead = torch.zeros(sae.cfg.d_sae, dtype=torch.bool)
+    dead[::3] = True
+    x_sparse = x.clone().requires_grad_(True)
+    x_n, pattern, vals, sel, a = topk_aux_encode(sae, x_sparse, sae.k, dead, 7)
+    pre = sae.pre_acts(x)
+    assert torch.equal(sel.dead, dead.nonzero().squeeze(1)) and sel.local.shape == (40, 7)
+    expect = pre.masked_fill(~dead, -torch.inf).topk(7, dim=-1).values
+    torch.testing.assert_close(a.sort(-1, descending=True).values, expect.relu())
+    w, w_aux = torch.randn(40, sae.k), torch.randn(40, 7)
+    g_fast = grads(sae, (vals * w).sum() + (a * w_aux).sum())
+    x_dense = x.clone().requires_grad_(True)
+    pre_d = sae.pre_acts(x_dense)
+    loss = ((pre_d.gather(-1, pattern.idx).relu() * w).sum()
+            + (pre_d.gather(-1, sel.global_idx()).relu() * w_aux).sum())
+    g_ref = grads(sae, loss)
+    for name in ("W_enc", "b_enc", "b_dec"):
+        torch.testing.assert_close(g_fast[name], g_ref[name], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(x_sparse.grad, x_dense.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_aux_products_pick_dense_by_density():
+    dead = torch.arange(0, 1000, 2)
+    assert AuxSelection(dead, torch.zeros(4, 100, dtype=torch.long)).dense  # 100 of 500
+    assert not AuxSelection(dead, torch.zeros(4, 5, dtype=torch.long)).dense  # 5 of 500
 
 
 def test_sparse_path_under_bf16_autocast():

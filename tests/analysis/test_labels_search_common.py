@@ -1,0 +1,91 @@
+"""Word search when a word is in most labels, on SQLite (FTS5) and PostgreSQL (full text), with
+the common-word threshold (``RANKED_DF``) set low so that a small catalog has common words:
+a query of a common and a rare word returns exactly the labels holding both, ranked by the
+rare word (more occurrences first, rank > 0); a query of common words only lists every
+matching feature once, newest label first (rank 0), honours ``limit``, skips rejected labels,
+shows the current label and names the older one that matched; the SAE, hook and firing-rate
+filters give the same features as filtering the full answer, also when two SAEs' labels are
+written interleaved (the label-id ranges of the picked versions overlap)."""
+
+from __future__ import annotations
+
+import pytest
+
+from saereg.analysis import labels, search
+from saereg.analysis.search import search_labels
+from saereg.analysis.stats import AnalyzeConfig, analyze, feature_stats
+from feature_helpers import register_tiny_sae
+
+
+def heuristic(i: int) -> str:
+    return f"fires on 'tok{i}', 'x{i % 7}'; promotes 'y{i % 5}', 'z{i}'"
+
+
+@pytest.fixture
+def common(monkeypatch):
+    monkeypatch.setattr(search, "RANKED_DF", 6)
+
+
+def test_common_and_rare_word_ranks_by_the_rare_word(tiny_sae, common):
+    labels.add_labels(tiny_sae, [(i, heuristic(i)) for i in range(30)],
+                      method="heuristic", model="bench-heuristic")
+    labels.add_label(tiny_sae, 40, "fires on 'wormhole', 'a', 'b', 'c'; promotes 'd', 'e'")
+    labels.add_label(tiny_sae, 41, "fires near a wormhole, wormhole, wormhole")
+    labels.add_label(tiny_sae, 42, "wormhole")  # the rare word without the common one
+    labels.add_label(tiny_sae, 43, "fires wormhole", status="rejected")
+
+    hits = search_labels("fires wormhole")
+    assert [h.feature_index for h in hits] == [41, 40]  # three occurrences rank first
+    assert all(h.rank > 0 for h in hits)
+    assert [h.feature_index for h in search_labels("wormhole fires", limit=1)] == [41]
+    assert sorted(h.feature_index for h in search_labels("wormhole")) == [40, 41, 42]
+    assert search_labels("fires wormhole nosuchword") == []
+
+
+def test_common_words_only_every_feature_once_newest_first(tiny_sae, common):
+    labels.add_labels(tiny_sae, [(i, heuristic(i)) for i in range(30)],
+                      method="heuristic", model="bench-heuristic")
+    labels.add_label(tiny_sae, 3, "railway timetables")  # current label; the old one matched
+    labels.add_label(tiny_sae, 4, "fires on rejected", status="rejected")
+    labels.add_label(tiny_sae, 50, "fires on rejected", status="rejected")  # nothing else
+    labels.add_label(tiny_sae, 60, "forest fires", status="accepted")  # newest match
+
+    hits = search_labels("fires", limit=1000)
+    assert [h.feature_index for h in hits] == [60, *range(29, -1, -1)]
+    assert {h.rank for h in hits} == {0.0}
+    by_index = {h.feature_index: h for h in hits}
+    assert (by_index[3].label, by_index[3].matched) == ("railway timetables", heuristic(3))
+    assert (by_index[4].label, by_index[4].matched) == (heuristic(4), None)
+    assert [h.feature_index for h in search_labels("fires", limit=5)] == [60, 29, 28, 27, 26]
+    assert [h.feature_index for h in search_labels("promotes fires", limit=3)] == [29, 28, 27]
+    assert search_labels("rejected") == []
+
+
+def test_filters_with_a_common_word(tiny_sae, tiny_model_dir, tmp_path, common):
+    other = register_tiny_sae(tiny_model_dir, tmp_path, "other-sae", seed=1,
+                              hook="model.layers.0")
+    for lo in range(0, 40, 10):  # the two SAEs' labels interleaved in id order
+        labels.add_labels(tiny_sae, [(i, heuristic(i)) for i in range(lo, lo + 10)])
+        labels.add_labels(other, [(i, heuristic(i)) for i in range(lo, lo + 5)])
+    mine, theirs = tiny_sae.split("@")[0], other.split("@")[0]
+
+    for kw, ref, expected in (({"sae": mine}, tiny_sae, range(40)),
+                              ({"sae": theirs}, other, [i for i in range(40) if i % 10 < 5]),
+                              ({"hook": "model.layers.0"}, other,
+                               [i for i in range(40) if i % 10 < 5])):
+        hits = search_labels("fires", limit=1000, **kw)
+        assert {h.ref for h in hits} == {ref}
+        assert [h.feature_index for h in hits] == sorted(expected, reverse=True)
+        assert [h.feature_index for h in search_labels("fires", limit=4, **kw)] == \
+            sorted(expected, reverse=True)[:4]
+    assert search_labels("fires", sae="no-such-sae") == []
+
+    analyze(tiny_sae, AnalyzeConfig(tokens=512, context_size=32), progress=False)
+    rates = {i: feature_stats(tiny_sae, i)[2].firing_rate for i in range(40)}
+    lo = sorted(rates.values())[len(rates) // 2]
+    hits = search_labels("fires", min_rate=lo, limit=1000)
+    assert [h.feature_index for h in hits] == sorted((i for i, r in rates.items() if r >= lo),
+                                                     reverse=True)
+    assert all(h.ref == tiny_sae and h.firing_rate >= lo for h in hits)
+    first = search_labels("fires", sae=mine, min_rate=lo, limit=3)
+    assert [h.feature_index for h in first] == [h.feature_index for h in hits[:3]]
