@@ -10,7 +10,8 @@ client on the same machine (times include the loopback round trip):
 
 1. feature page ``/sae/REF/feature/I`` and its JSON twin ``/api/sae/REF/feature/I`` at random
    indices, p50 / p95 (target p95 < 100 ms); label search ``/api/search?q=`` and the ``/search``
-   page for random one-word queries, p50 / p95;
+   page for random one-word queries, p50 / p95 of the round trip and of the server time (the
+   app's ``Server-Timing`` header);
 2. live prompt (``POST /api/sae/REF/prompt``, SSE) with a 20-token prompt once the model is
    warm: time to the first shaded token and to ``done``, in feature mode and in top mode
    (target: first tokens < 1 s);
@@ -202,7 +203,11 @@ def start_server(home: Path, log: Path) -> tuple[subprocess.Popen, str]:
     sys.exit(f"saereg serve did not answer in 180 s:\n{log.read_text()[-3000:]}")
 
 
-def timed_gets(client, paths: list[str]) -> list[float]:
+SERVER_TIMES: dict[str, list[float]] = {}
+"""Server time of every timed GET (the app's ``Server-Timing`` header), by the label given."""
+
+
+def timed_gets(client, paths: list[str], label: str | None = None) -> list[float]:
     times = []
     for p in paths:
         t = time.perf_counter()
@@ -210,7 +215,15 @@ def timed_gets(client, paths: list[str]) -> list[float]:
         times.append(time.perf_counter() - t)
         if r.status_code != 200:
             raise SystemExit(f"GET {p}: {r.status_code} {r.text[:300]}")
+        if label:
+            dur = r.headers.get("server-timing", "").partition("dur=")[2]
+            SERVER_TIMES.setdefault(label, []).append(float(dur) / 1e3)
     return times
+
+
+def both(label: str, times: list[float]) -> str:
+    """Round trip and server time of one row."""
+    return f"{label}: {summary(times)}; server {summary(SERVER_TIMES.get(label, []))}"
 
 
 def stream(client, path: str, body: dict, first: str | None = None) -> tuple[float, float, int]:
@@ -311,14 +324,14 @@ def main() -> None:
             with httpx.Client(base_url=base, timeout=60) as c:
                 idx = [rng.randrange(args.d_sae) for _ in range(args.requests + 10)]
                 timed_gets(c, [f"/sae/{ref}/feature/{i}" for i in idx[:10]])  # warm-up
-                pages = timed_gets(c, [f"/sae/{ref}/feature/{i}" for i in idx[10:]])
-                apis = timed_gets(c, [f"/api/sae/{ref}/feature/{i}" for i in idx[10:]])
-                print(f"feature page: {summary(pages)}")
-                print(f"feature API: {summary(apis)}")
+                rows = [("feature page", [f"/sae/{ref}/feature/{i}" for i in idx[10:]]),
+                        ("feature API", [f"/api/sae/{ref}/feature/{i}" for i in idx[10:]])]
                 words = [rng.choice(vocab) for _ in range(args.requests)]
-                print(f"search API (1 word): {summary(timed_gets(c, [f'/api/search?q={w}' for w in words]))}")
-                print(f"search page (1 word): {summary(timed_gets(c, [f'/search?q={w}' for w in words]))}")
-                print(f"SAE page: {summary(timed_gets(c, [f'/sae/{ref}'] * 20))}")
+                rows += [("search API (1 word)", [f"/api/search?q={w}" for w in words]),
+                         ("search page (1 word)", [f"/search?q={w}" for w in words]),
+                         ("SAE page", [f"/sae/{ref}"] * 20)]
+                for label, paths in rows:
+                    print(both(label, timed_gets(c, paths, label)))
 
                 text = prompt_text(20)
                 feature = idx[0]

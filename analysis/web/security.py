@@ -18,6 +18,7 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import json
+import time
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -108,7 +109,10 @@ def _host_name(host_header: str) -> str:
 
 
 class Guard:
-    """ASGI middleware: host and origin checks, the body limit, security headers."""
+    """ASGI middleware: host and origin checks, the body limit, security headers, and a
+    ``Server-Timing: app;dur=MS`` header: the milliseconds from the request's arrival to its
+    response head (for a page or a JSON answer, the whole server time; for a stream, the time
+    to its first byte)."""
 
     def __init__(self, app, policy: Policy, max_body: int = MAX_BODY):
         self.app, self.policy, self.max_body = app, policy, max_body
@@ -116,6 +120,7 @@ class Guard:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        start = time.perf_counter()
         headers = {k.decode("latin-1").lower(): v.decode("latin-1")
                    for k, v in scope.get("headers", [])}
         host = headers.get("host", "")
@@ -149,7 +154,9 @@ class Guard:
 
         async def send_with_headers(message):
             if message["type"] == "http.response.start":
-                message = {**message, "headers": [*message.get("headers", []), *HEADERS]}
+                took = f"app;dur={(time.perf_counter() - start) * 1e3:.1f}".encode()
+                message = {**message, "headers": [*message.get("headers", []), *HEADERS,
+                                                  (b"server-timing", took)]}
             await send(message)
 
         await self.app(scope, receive, send_with_headers)

@@ -146,7 +146,9 @@ def test_pages_and_their_json_twins(web):
     assert [(n["index"], round(n["cosine"], 5)) for n in groups[ref]["features"]] == [
         (n.index, round(n.cosine, 5)) for n in stored]
     assert (f["prev"], f["next"]) == (i - 1 if i else None, i + 1 if i < 95 else None)
-    page = c.get(f"/sae/{ref}/feature/{i}").text
+    r = c.get(f"/sae/{ref}/feature/{i}")
+    assert re.fullmatch(r"app;dur=\d+\.\d", r.headers["server-timing"])
+    page = r.text
     assert page.count('<rect class="bar"') == 40
     assert page.count('<div class="example">') >= len(st["top_examples"]) > 0
     top = page.split('id="top-examples"')[1].split('id="interval-examples"')[0]
