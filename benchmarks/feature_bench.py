@@ -141,19 +141,10 @@ def main() -> None:
         import sys
 
         sys.path.insert(0, "tests/registry")
-        import catalog_helpers
-        from catalog_helpers import PG_SERVER  # noqa: F401
+        from catalog_helpers import scratch_pg_catalog
 
-        catalog_helpers.PG_SERVER = args.postgres
-        url = catalog_helpers.create_pg_database("saereg_bench")
-        try:
-            from saereg.registry.catalog import db
-            from saereg.registry.catalog import migrate
-
-            migrate.upgrade_engine(db.get_engine(url, check_schema=False), "head")
+        with scratch_pg_catalog(args.postgres) as url:
             bench_search(url, args.rows, args.queries, "PostgreSQL")
-        finally:
-            catalog_helpers.drop_pg_database(url)
 
 
 if __name__ == "__main__":

@@ -165,17 +165,10 @@ def main() -> None:
                 bench_search(f"sqlite:///{tmp}/catalog.db", rows, args.queries, "SQLite")
         if args.postgres:
             sys.path.insert(0, "tests/registry")
-            import catalog_helpers
+            from catalog_helpers import scratch_pg_catalog
 
-            catalog_helpers.PG_SERVER = args.postgres
-            url = catalog_helpers.create_pg_database("saereg_bench")
-            try:
-                from saereg.registry.catalog import db, migrate
-
-                migrate.upgrade_engine(db.get_engine(url, check_schema=False), "head")
+            with scratch_pg_catalog(args.postgres) as url:
                 bench_search(url, rows, args.queries, "PostgreSQL")
-            finally:
-                catalog_helpers.drop_pg_database(url)
         from saereg.analysis import semantic
 
         semantic._indexes.clear()  # free the index before the next size

@@ -7,6 +7,8 @@ from __future__ import annotations
 import os
 import secrets
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -108,6 +110,22 @@ def create_pg_database(prefix: str = "saereg_test") -> str:
         conn.execute(text(f'CREATE DATABASE "{name}"'))
     engine.dispose()
     return make_url(PG_SERVER).set(database=name).render_as_string(hide_password=False)
+
+
+@contextmanager
+def scratch_pg_catalog(server: str, prefix: str = "saereg_bench") -> Iterator[str]:
+    """A new database on ``server`` migrated to head, for a benchmark: yields its URL and drops
+    it afterwards."""
+    global PG_SERVER
+    from saereg.registry.catalog import db, migrate
+
+    PG_SERVER = server
+    url = create_pg_database(prefix)
+    try:
+        migrate.upgrade_engine(db.get_engine(url, check_schema=False), "head")
+        yield url
+    finally:
+        drop_pg_database(url)
 
 
 def drop_pg_database(url: str) -> None:
