@@ -9,7 +9,10 @@ The file
     ``allow_pickle=False`` and ``.pt`` only with ``torch.load(weights_only=True)`` (a tensor or a
     dict of tensors). Every tensor imported is ``[rows, width]`` of a floating dtype; each row is
     one token's activation, and row ``i`` of every hook is the same token, so the tensors of one
-    file have the same number of rows and the same dtype (widths may differ).
+    file have the same number of rows and the same dtype. They have the same width too (the
+    residual stream of one model), unless ``mixed_widths`` says the hooks differ by design (an
+    MLP's hidden layer beside the residual stream): tensors of two models side by side are the
+    mistake this catches.
 
 Which tensor is which hook (``--hook``, repeatable)
     ``KEY=HOOK`` stores the tensor ``KEY`` of the file as the hook ``HOOK``; a plain ``NAME``
@@ -188,8 +191,10 @@ def map_hooks(specs: Sequence[str], tf: TensorFile) -> dict[str, str]:
     return out
 
 
-def check_tensors(tf: TensorFile, hooks: dict[str, str]) -> tuple[int, str]:
-    """The row count and dtype shared by the mapped tensors; one clear error otherwise."""
+def check_tensors(tf: TensorFile, hooks: dict[str, str], mixed_widths: bool = False
+                  ) -> tuple[int, str]:
+    """The row count and dtype shared by the mapped tensors (and the width, unless
+    ``mixed_widths``); one clear error otherwise."""
     for hook, key in hooks.items():
         shape, dtype = tf.shapes[key], tf.dtypes[key]
         if len(shape) != 2 or 0 in shape:
@@ -201,6 +206,7 @@ def check_tensors(tf: TensorFile, hooks: dict[str, str]) -> tuple[int, str]:
                                f"activations must be float16, bfloat16, float32 or float64")
     first = next(iter(hooks))
     rows, dtype = tf.shapes[hooks[first]][0], tf.dtypes[hooks[first]]
+    width = tf.shapes[hooks[first]][1]
     for hook, key in hooks.items():
         if tf.shapes[key][0] != rows:
             raise DatasetError(f"{tf.path}: hook {hook} has {tf.shapes[key][0]} rows but hook "
@@ -208,6 +214,10 @@ def check_tensors(tf: TensorFile, hooks: dict[str, str]) -> tuple[int, str]:
         if tf.dtypes[key] != dtype:
             raise DatasetError(f"{tf.path}: hook {hook} is {tf.dtypes[key]} but hook {first} is "
                                f"{dtype}; save every hook's tensor in one dtype")
+        if tf.shapes[key][1] != width and not mixed_widths:
+            raise DatasetError(f"{tf.path}: hook {hook} is {tf.shapes[key][1]} wide but hook "
+                               f"{first} is {width}; one model's hooks share a width (are these "
+                               f"from two models?); pass --mixed-widths if they differ by design")
     return rows, dtype
 
 
@@ -238,7 +248,8 @@ def _read_rows(tf: TensorFile, hooks: dict[str, str], start: int,
 
 def import_cache(file: str | Path, hooks: Sequence[str], out: str | Path, *,
                  model: str | None = None, shard_tokens: int = 65536, heldout_tokens: int = 8192,
-                 progress: bool = True, stream=None) -> dict[str, Any]:
+                 mixed_widths: bool = False, progress: bool = True,
+                 stream=None) -> dict[str, Any]:
     """Write the cache folder ``out`` from the tensors of ``file``; returns its manifest.
 
     ``hooks`` are the ``--hook`` values (``KEY=HOOK`` or ``NAME``, see the module docstring).
@@ -258,7 +269,7 @@ def import_cache(file: str | Path, hooks: Sequence[str], out: str | Path, *,
     tf = open_tensor_file(file)
     try:
         mapping = map_hooks(hooks, tf)
-        n_rows, src_dtype = check_tensors(tf, mapping)
+        n_rows, src_dtype = check_tensors(tf, mapping, mixed_widths)
         held = min(heldout_tokens, n_rows // 10)
         n_train = n_rows - held
         source = {"kind": "import", "file": str(tf.path.resolve()), "format": tf.kind,

@@ -31,9 +31,13 @@ from saereg.training.config import CacheConfig
 @click.option("--heldout-tokens", type=Count(minimum=0), default="8192", show_default=True,
               help="The last rows kept for evaluation, never trained on (at most a tenth of "
                    "the rows; 0 for none).")
+@click.option("--mixed-widths", is_flag=True,
+              help="Take hooks of different widths (an MLP's hidden layer beside the residual "
+                   "stream); without it every hook must have the first one's width.")
 @click.option("--no-progress", is_flag=True, help="No progress line.")
 def cache_import(file: str, hooks: tuple[str, ...], out: str, model: str | None,
-                 shard_tokens: int, heldout_tokens: int, no_progress: bool) -> None:
+                 shard_tokens: int, heldout_tokens: int, mixed_widths: bool,
+                 no_progress: bool) -> None:
     """Make an activation cache from FILE (.safetensors, .npy or .pt): each [rows, width]
     tensor of it becomes the activations of one --hook, so that `saereg train --from-cache OUT`
     trains on them and evaluates on the held-out rows. Nothing is unpickled (.pt loads with
@@ -48,7 +52,8 @@ def cache_import(file: str, hooks: tuple[str, ...], out: str, model: str | None,
 
     click.get_current_context().meta[_CONTEXT_KEY] = click.get_current_context()
     m = import_cache(file, hooks, out, model=model, shard_tokens=shard_tokens,
-                     heldout_tokens=heldout_tokens, progress=not no_progress)
+                     heldout_tokens=heldout_tokens, mixed_widths=mixed_widths,
+                     progress=not no_progress)
     held = m["heldout"]["tokens"] if m["heldout"] else 0
     click.echo(f"cache {out}: {m['tokens']} rows x {len(m['hooks'])} hook(s) in "
                f"{len(m['shards'])} shard(s), {held} held-out rows; train with: saereg train "

@@ -70,7 +70,8 @@ def test_import_train_evaluate_round_trip(fmt, tmp_path, mlflow_store):
 
     path, hooks, rows = write(fmt, tmp_path)
     out = tmp_path / "acts"
-    result = invoke(*import_args(path, out, *hooks, extra=("--model", "my-model")))
+    widths = ("--mixed-widths",) if fmt == "safetensors" else ()  # its two hooks: 16 and 8 wide
+    result = invoke(*import_args(path, out, *hooks, extra=("--model", "my-model", *widths)))
     assert result.exit_code == 0, result.output
     assert f"{N - HELD} rows" in result.output and f"{HELD} held-out rows" in result.output
     m = read_manifest(out)
@@ -142,6 +143,9 @@ def bad_file(case: str, folder: Path) -> tuple[Path, list[str]]:
     if case == "rows":
         save_file({"a": x, "b": x[:-1].clone()}, str(st))
         return st, ["a", "b"]
+    if case == "widths":
+        save_file({"a": x, "b": x[:, :8].clone()}, str(st))
+        return st, ["a", "b"]
     if case == "dtypes":
         save_file({"a": x, "b": x.half()}, str(st))
         return st, ["a", "b"]
@@ -169,6 +173,7 @@ def bad_file(case: str, folder: Path) -> tuple[Path, list[str]]:
     ("inf", 1, "holds NaN or inf at row 700"),
     ("rows", 1, "hook b has 1199 rows but hook a has 1200"),
     ("dtypes", 1, "hook b is float16 but hook a is float32"),
+    ("widths", 1, "hook b is 8 wide but hook a is 16; one model's hooks share a width"),
     ("integer", 1, "has dtype int64 (not floating point); activations must be float16"),
     ("pickle", 1, "is not a weights-only torch file"),
     ("extension", 2, "unknown file type '.csv'"),
