@@ -15,7 +15,7 @@ import pytest
 
 from saereg.training.config import SAETrainConfig, TrainConfig
 from saereg.training.planted import (HOOK, PlantedFeatures, fit_in_process, recovery,
-                                     write_planted_cache)
+                                     relu_with_encoder_of, write_planted_cache)
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +39,17 @@ def test_defaults_recover_planted_features(trained, arch, matched):
     features, saes = trained
     r = recovery(features, saes[arch])
     assert r["matched"] >= matched, r
+    assert r["matched_live"] <= r["matched"], r  # live rows are a subset of the rows
     assert r["explained_variance"] >= 0.85, r
     assert 2 <= r["l0"] <= 4.5, r  # within 1.5x of the target, 3
     assert r["dead"] <= 0.2, r
+
+
+def test_relu_from_jumprelu_encoder(trained):
+    """relu(pre - threshold) fires exactly where the JumpReLU SAE does, and a least-squares
+    decoder makes up for the shift of every magnitude by its threshold."""
+    features, saes = trained
+    jump = recovery(features, saes["jumprelu"])
+    relu = relu_with_encoder_of(features, saes["jumprelu"])
+    assert relu["l0"] == pytest.approx(jump["l0"], rel=1e-6)
+    assert relu["explained_variance"] >= jump["explained_variance"] - 0.1, (relu, jump)
