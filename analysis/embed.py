@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 import threading
+import time
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
@@ -79,8 +81,10 @@ class Embedder:
         self.tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
         self.model = AutoModel.from_pretrained(str(folder), local_files_only=True).eval()
 
-    def encode(self, texts: list[str], batch_size: int = 64):
-        """Unit-length float32 embeddings, shape (len(texts), 384), as a numpy array."""
+    def encode(self, texts: list[str], batch_size: int = 64,
+               progress: Callable[[int, int], None] | None = None):
+        """Unit-length float32 embeddings, shape (len(texts), 384), as a numpy array;
+        ``progress(done, total)`` after each batch."""
         import numpy as np
 
         out = []
@@ -88,15 +92,15 @@ class Embedder:
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         if len(texts) <= SMALL_BATCH:  # a query: too small to split, and waking threads
             with one_thread():  # cost 10x on a busy machine (138 vs 12 ms measured)
-                self._encode(texts, order, batch_size, out)
+                self._encode(texts, order, batch_size, out, progress)
         else:
-            self._encode(texts, order, batch_size, out)
+            self._encode(texts, order, batch_size, out, progress)
         vecs = np.concatenate(out) if out else np.zeros((0, EMBED_DIM), np.float32)
         result = np.empty_like(vecs)
         result[order] = vecs
         return result
 
-    def _encode(self, texts, order, batch_size, out) -> None:
+    def _encode(self, texts, order, batch_size, out, progress=None) -> None:
         torch = self.torch
         with torch.inference_mode():
             for start in range(0, len(order), batch_size):
@@ -107,6 +111,8 @@ class Embedder:
                 mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
                 pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
                 out.append(torch.nn.functional.normalize(pooled, dim=-1).float().numpy())
+                if progress:
+                    progress(min(start + batch_size, len(order)), len(order))
 
 
 def embedder() -> Embedder:
@@ -121,11 +127,31 @@ def embedder() -> Embedder:
         return _model
 
 
-def embed(texts: list[str]):
-    """Embeddings of ``texts`` (numpy float32, unit rows)."""
+def embed(texts: list[str], progress: Callable[[int, int], None] | None = None):
+    """Embeddings of ``texts`` (numpy float32, unit rows); ``progress(done, total)`` after
+    each batch."""
     model = embedder()
     with _lock:  # one forward at a time: the tokenizer and the threads are shared
-        return model.encode(list(texts))
+        return model.encode(list(texts), progress=progress)
+
+
+def progress_line(stream=None, every_s: float = 2.0) -> Callable[[int, int], None]:
+    """A ``progress(done, total)`` that writes "embedding labels: done/total, N labels/s, ETA"
+    to ``stream`` (stderr) at most every ``every_s`` seconds, and at the end."""
+    start = time.monotonic()
+    last = [-float("inf")]  # the first call writes a line
+
+    def progress(done: int, total: int) -> None:
+        now = time.monotonic()
+        if done < total and now - last[0] < every_s:
+            return
+        last[0] = now
+        rate = done / max(now - start, 1e-9)
+        eta = f", ETA {(total - done) / rate:.0f} s" if done < total and rate > 0 else ""
+        print(f"embedding labels: {done:,}/{total:,}, {rate:.0f} labels/s{eta}",
+              file=stream or sys.stderr, flush=True)
+
+    return progress
 
 
 def to_bytes(vec) -> bytes:
@@ -134,12 +160,13 @@ def to_bytes(vec) -> bytes:
     return np.asarray(vec, dtype="<f4").tobytes()
 
 
-def vectors_for(texts: list[str]) -> list[bytes] | None:
+def vectors_for(texts: list[str], progress: Callable[[int, int], None] | None = None
+                ) -> list[bytes] | None:
     """Stored form of the embeddings of ``texts``, or None where the model is not installed
     (the labels are then written without one, for ``saereg labels embed`` later)."""
     if not texts or not available():
         return None
-    return [to_bytes(v) for v in embed(texts)]
+    return [to_bytes(v) for v in embed(texts, progress)]
 
 
 def backfill(ref: str | None = None, *, batch: int = 512, database_url: str | None = None,

@@ -11,12 +11,13 @@ its newest accepted label, else its newest candidate.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
 from sqlalchemy import select
 
-from saereg.analysis.embed import EMBED_DIM, EMBED_MODEL, vectors_for
+from saereg.analysis.embed import EMBED_DIM, EMBED_MODEL, progress_line, vectors_for
 from saereg.analysis.tokens import display_token
 from saereg.registry.catalog import db
 from saereg.registry.catalog.feature_schema import (LABEL_METHODS, LABEL_STATUSES, FeatureLabel,
@@ -63,8 +64,10 @@ def _check(text: str, method: str, status: str) -> str:
 def add_labels(ref: str, labels: list[tuple[int, str]], *, method: str = "human",
                model: str | None = None, status: str = "candidate", author: str | None = None,
                stats_run_id: int | None = None, scores: dict[int, float] | None = None,
-               database_url: str | None = None) -> list[LabelInfo]:
-    """Append labels ``(feature index, text)`` to features of ``ref`` in one transaction."""
+               database_url: str | None = None,
+               progress: Callable[[int, int], None] | None = None) -> list[LabelInfo]:
+    """Append labels ``(feature index, text)`` to features of ``ref`` in one transaction;
+    ``progress(done, total)`` follows the labels' embedding, the long part."""
     from saereg.analysis.stats import check_index
     from saereg.registry.api import get_version
     from saereg.registry.catalog.rows import current_user
@@ -77,7 +80,7 @@ def add_labels(ref: str, labels: list[tuple[int, str]], *, method: str = "human"
     if method != "human" and not model:
         raise UsageError(f"a {method} label needs the model that made it")
     user = author or current_user()
-    vectors = vectors_for([t for _, t in checked])  # None without the embedding model
+    vectors = vectors_for([t for _, t in checked], progress)  # None without the model
 
     def write() -> list[LabelInfo]:
         with db.session(database_url, write=True) as s:
@@ -156,7 +159,8 @@ def heuristic_text(top_examples: list[dict], top_logits: list) -> str | None:
 
 def label_heuristic(ref: str, *, database_url: str | None = None,
                     progress: bool = False) -> list[LabelInfo]:
-    """Label every live feature of ``ref`` from its latest stats run (offline, no model)."""
+    """Label every live feature of ``ref`` from its latest stats run (offline, no model);
+    with ``progress``, a line on stderr every few seconds while the labels are embedded."""
     from saereg.analysis.stats import latest_run_id
     from saereg.registry.api import get_version
     from saereg.registry.catalog.feature_schema import FeatureStats
@@ -172,4 +176,5 @@ def label_heuristic(ref: str, *, database_url: str | None = None,
                          .order_by(FeatureStats.feature_index)).all()
     labels = [(i, t) for i, ex, lg in rows if (t := heuristic_text(ex, lg))]
     return add_labels(info.ref, labels, method="heuristic", model=HEURISTIC_MODEL,
-                      stats_run_id=run_id, database_url=database_url)
+                      stats_run_id=run_id, database_url=database_url,
+                      progress=progress_line() if progress else None)

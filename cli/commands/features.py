@@ -84,7 +84,7 @@ def label(ref, index, text, status, heuristic, llm, set_id, show_history):
     from saereg.registry.errors import UsageError
 
     if heuristic:
-        made = labels.label_heuristic(ref)
+        made = labels.label_heuristic(ref, progress=True)
         click.echo(f"{len(made)} heuristic labels added to {ref}")
         return
     if llm:
@@ -195,12 +195,9 @@ def labels():
 def labels_embed(ref):
     """Embed every label that has no embedding yet (labels pulled from the hub, or written
     before search by meaning existed); safe to stop and run again."""
-    from saereg.analysis.embed import EMBED_MODEL, backfill
+    from saereg.analysis.embed import EMBED_MODEL, backfill, progress_line
 
-    def progress(done, total):
-        click.echo(f"embedded {done}/{total}", err=True)
-
-    added = backfill(ref, progress=progress)
+    added = backfill(ref, progress=progress_line(every_s=0))
     click.echo(f"{added} labels embedded with {EMBED_MODEL}")
 
 

@@ -216,7 +216,7 @@ def quickstart(tokens: int, hook: str, no_progress: bool, register: str | None,
     register_results(result, name)
     ref = get_version(name).ref  # the version just registered: the newest, and ready
     run_id = analyze(ref, stats, progress=not no_progress)
-    made = label_heuristic(ref)
+    made = label_heuristic(ref, progress=not no_progress)
     first = min((lab.feature_index for lab in made), default=0)
     url = f"http://127.0.0.1:8000/sae/{ref}/feature/{first}"
     table = Table(title="Browse what quickstart made", title_justify="left", show_header=False)

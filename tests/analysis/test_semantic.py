@@ -12,6 +12,8 @@ API) and `--meaning` with `--hybrid` is refused."""
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -21,7 +23,7 @@ from catalog_helpers import error_line
 from feature_helpers import register_tiny_sae
 
 from saereg.analysis import labels, semantic
-from saereg.analysis.embed import EMBED_DIM, EMBED_MODEL, embed
+from saereg.analysis.embed import EMBED_DIM, EMBED_MODEL, embed, progress_line, vectors_for
 from saereg.analysis.search import search_labels
 from saereg.commands.main import cli
 from saereg.registry.catalog import db
@@ -132,7 +134,7 @@ def test_backfill_embeds_labels_written_without_one(tiny_sae):
     assert [h.feature_index for h in semantic.search_meaning("time travel")] == [4]
     r = CliRunner().invoke(cli, ["labels", "embed", "--sae", tiny_sae])
     assert r.exit_code == 0, r.output
-    assert "embedded 2/2" in r.output and r.output.rstrip().endswith(
+    assert "embedding labels: 2/2" in r.output and r.output.rstrip().endswith(
         f"2 labels embedded with {EMBED_MODEL}")
     assert semantic.unembedded() == 0 and len(stored()) == 3
     assert semantic.search_meaning("time travel")[0].feature_index == 3
@@ -141,6 +143,22 @@ def test_backfill_embeds_labels_written_without_one(tiny_sae):
                                                            f"{EMBED_MODEL}"), r.output
     r = CliRunner().invoke(cli, ["labels", "embed", "--sae", "nope@1"])
     assert r.exit_code == 1 and "nope" in error_line(r)
+
+
+def test_embedding_progress_line():
+    """Long embedding work reports done/total, labels/s and an ETA, throttled, and always its
+    last batch; the labels' own writer passes its progress through."""
+    calls = []
+    texts = [f"label number {i}" for i in range(150)]
+    vectors = vectors_for(texts, lambda done, total: calls.append((done, total)))
+    assert len(vectors) == 150 and calls == [(64, 150), (128, 150), (150, 150)]
+    out = io.StringIO()
+    line = progress_line(out, every_s=3600)
+    for done, total in calls:
+        line(done, total)
+    first, last = out.getvalue().splitlines()  # the middle call falls within every_s
+    assert first.startswith("embedding labels: 64/150, ") and "labels/s, ETA " in first
+    assert last.startswith("embedding labels: 150/150, ") and "ETA" not in last
 
 
 def test_bad_input_is_one_clear_error(tiny_sae):
