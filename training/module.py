@@ -122,6 +122,14 @@ class SAETrainingModule(L.LightningModule):
                 sae.cfg.jumprelu_init_threshold = value
         self.initialized.fill_(True)
 
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """A checkpoint written before the sparsity controller existed has no coefficient
+        buffers: those resume at the value a new job starts from."""
+        state = checkpoint.get("state_dict", {})
+        for key, value in self.state_dict().items():
+            if key.startswith("control.") and key not in state:
+                state[key] = value
+
     def on_train_start(self) -> None:
         dm = self.trainer.datamodule
         if dm is not None and not bool(self.initialized):

@@ -176,6 +176,11 @@ def test_killed_job_resumes_from_checkpoint(tiny_model_dir, mlflow_store):
     (w_dec,) = [v for k, v in saved["state_dict"].items() if k.endswith("W_dec")]
     torch.testing.assert_close(w_dec.norm(dim=1), torch.ones(w_dec.shape[0]), rtol=0, atol=1e-6)
 
+    # as a checkpoint written before the sparsity controller existed: no coefficient buffer
+    old = {k: v for k, v in saved["state_dict"].items() if not k.startswith("control.")}
+    assert len(old) < len(saved["state_dict"])
+    torch.save({**saved, "state_dict": old}, ckpt)
+
     started = int(time.time() * 1000)
     result = run_cli(["train", "--resume", str(job_dir), "--no-progress"])
     assert result.exit_code == 0, result.output
