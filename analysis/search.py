@@ -13,7 +13,9 @@ The cost of a search is bounded whatever the words: each word's document frequen
 up to :data:`RANKED_DF` labels; the rare words (at most that many labels each) are ranked, the
 common ones only filter; a query of common words only (a word every heuristic label holds,
 such as "fires") reads its matches newest first through the filters and stops at ``limit``
-features, instead of ranking every label in the catalog.
+features, instead of ranking every label in the catalog. On PostgreSQL, common words seldom
+found in one label ("forest fires") fetch their matches through the full-text index instead
+of reading labels newest first (see :func:`_use_index`).
 """
 
 from __future__ import annotations
@@ -51,7 +53,8 @@ it adds nothing to a hit's rank (its inverse document frequency is low; FTS5's b
 gives a word in more than half the labels almost no weight). Ranking a rare word costs at most
 this many labels; a query of common words only lists its hits newest label first, read in
 index order and stopped as soon as ``limit`` features passed the filters, so its cost does not
-grow with the catalog."""
+grow with the catalog (on PostgreSQL, words seldom together are fetched through the full-text
+index, at most as many labels as the rarest of them is in)."""
 
 
 def _words(query: str) -> list[str]:
@@ -105,23 +108,30 @@ def search_labels(query: str, *, model: str | None = None, hook: str | None = No
         where.append("fs.firing_rate <= :max_rate")
         params["max_rate"] = max_rate
     with engine.connect() as conn:
+        if sql["estimate"]:  # each statement reads a few pages: a parallel plan only adds the
+            # start of its workers (~15 ms)
+            conn.exec_driver_sql("SET LOCAL max_parallel_workers_per_gather = 0")
+        found, total = _frequencies(conn, sql, words)
         rare, common = [], []
         for w in words:
-            found = _frequency(conn, sql, w)
-            if found is None:  # a stop word (PostgreSQL): ignored, as plainto_tsquery does
+            if found[w] is None:  # a stop word (PostgreSQL): ignored, as plainto_tsquery does
                 continue
-            if found == 0:
+            if found[w] == 0:
                 return []
-            (rare if found <= RANKED_DF else common).append(w)
+            (rare if found[w] <= RANKED_DF else common).append(w)
         if not rare and not common:
             return []
         params["q"] = sql["query"](rare + common)
         if rare:
             rows = _ranked(conn, sql, rare, bool(common), where, params, limit)
         else:
-            rows = _newest(conn, sql, where, params, limit,
-                           _id_ranges(conn, versions, params) if versions else [(0, 2 ** 62)])
-    return _hits(rows, database_url)
+            ranges = _id_ranges(conn, versions, params) if versions else [(0, 2 ** 62)]
+            if sql["estimate"]:
+                rows = _pg_newest(conn, where, params, limit, ranges, min_rate is not None
+                                  or max_rate is not None, [found[w] for w in common], total)
+            else:
+                rows = _newest(conn, sql, where, params, limit, ranges)
+        return _hits(rows, conn)
 
 
 _COLUMNS = """SELECT l.id, l.version_id, l.feature_index, l.text, l.method, l.status,
@@ -157,9 +167,7 @@ _TEXT = {
     },
     "postgresql": {
         "query": " ".join,
-        "words": "SELECT numnode(plainto_tsquery('english', :q))",
-        "estimate": "EXPLAIN (FORMAT JSON) SELECT 1 FROM feature_labels "
-                    "WHERE to_tsvector('english', text) @@ plainto_tsquery('english', :q)",
+        "estimate": "EXPLAIN (FORMAT JSON) ",
         "probe": "SELECT count(*) FROM (SELECT 1 FROM feature_labels WHERE "
                  "to_tsvector('english', text) @@ plainto_tsquery('english', :q) LIMIT :cap) x",
         "rank": "SELECT id, -ts_rank(to_tsvector('english', text), "
@@ -167,28 +175,73 @@ _TEXT = {
                 "WHERE to_tsvector('english', text) @@ plainto_tsquery('english', :q) "
                 "ORDER BY score, id DESC",
         "all": None,  # the rank query matches every word itself
-        "newest": f"""{_COLUMNS} FROM feature_labels l {_JOINS}
-        WHERE to_tsvector('english', l.text) @@ plainto_tsquery('english', :q)
-          AND l.id >= :lo AND l.id < :before AND {{where}}
-        ORDER BY l.id DESC LIMIT :n""",
     },
 }
+_PG_LATEST_STATS = "(SELECT max(r.id) FROM stats_runs r WHERE r.version_id = {t}.version_id)"
+_PG_NEWEST = f"""SELECT c.id, c.version_id, c.feature_index, c.text, c.method, c.status,
+               CASE WHEN c.hit THEN (SELECT f.firing_rate FROM feature_stats f
+                   WHERE f.feature_index = c.feature_index
+                     AND f.stats_run_id = {_PG_LATEST_STATS.format(t="c")}) END,
+               c.name, c.number, c.hit
+        FROM (SELECT l.id, l.version_id, l.feature_index, l.text, l.method, l.status, s.name,
+                     v.number, {{hit}} AS hit
+              FROM feature_labels l JOIN sae_versions v ON v.id = l.version_id
+              JOIN saes s ON s.id = v.sae_id JOIN language_models m ON m.id = s.model_id
+              {{stats}}
+              WHERE {{match}} l.id >= :lo AND l.id < :before AND {{where}}
+              ORDER BY {{order}} DESC LIMIT :n) c
+        ORDER BY c.id DESC"""
+"""The labels through the filters in an id range, newest first, at most ``:n`` (PostgreSQL).
+Read by id (``{hit}`` the match, computed for the rows read only, after the filters), or the
+matches by the full-text index (``{match}``; ``l.id + 0`` keeps the planner off the id order,
+which would recompute to_tsvector for every label read); the firing rate is looked up for the
+matches only, after the LIMIT."""
+_PG_TSQUERY = "to_tsvector('english', l.text) @@ plainto_tsquery('english', :q)"
+SCAN_US, HEAP_US, POSTING_US = 20.0, 4.0, 0.006
+"""PostgreSQL cost model of a query of common words only, in microseconds (measured on a
+catalog of 1,000,000 labels): a label read newest first (to_tsvector recomputed), a match
+fetched through the full-text index, an entry of a word's posting list decoded."""
 
 
-def _frequency(conn, sql: dict, word: str) -> int | None:
-    """How many labels hold ``word``, counted up to RANKED_DF + 1 (None: a stop word). On
-    PostgreSQL a word the planner's statistics put in more labels than that is not counted
-    (counting by the GIN index reads its whole posting list)."""
-    q = sql["query"]([word])
+def _frequencies(conn, sql: dict, words: list[str]) -> tuple[dict, int | None]:
+    """How many labels hold each word, counted up to RANKED_DF + 1 (None: a stop word), until
+    a word no label holds; and, on PostgreSQL, the planner's count of labels. There a word
+    the planner's statistics put in more labels than RANKED_DF is not counted (counting by
+    the GIN index reads its whole posting list): its figure is the planner's estimate."""
+    found: dict = {}
     if sql["estimate"]:
-        if not conn.execute(text(sql["words"]), {"q": q}).scalar():
-            return None
-        plan = conn.execute(text(sql["estimate"]), {"q": q}).scalar()
+        keys = {f"w{i}": w for i, w in enumerate(dict.fromkeys(words))}
+        nodes = conn.execute(text("SELECT " + ", ".join(
+            f"numnode(plainto_tsquery('english', :{k}))" for k in keys)), keys).one()
+        keys = {k: w for (k, w), n in zip(keys.items(), nodes) if n}
+        found = dict.fromkeys(words)
+        if not keys:
+            return found, None
+        plan = conn.execute(text(sql["estimate"] + " UNION ALL ".join(
+            [f"SELECT 1 FROM feature_labels WHERE to_tsvector('english', text) @@ "
+             f"plainto_tsquery('english', :{k})" for k in keys] +
+            ["SELECT 1 FROM feature_labels"])), keys).scalar()
         if isinstance(plan, str):
             plan = json.loads(plan)
-        if plan[0]["Plan"]["Plan Rows"] > RANKED_DF:
-            return RANKED_DF + 1
-    return conn.execute(text(sql["probe"]), {"q": q, "cap": RANKED_DF + 1}).scalar()
+        node = plan[0]["Plan"]
+        while node["Node Type"] != "Append":  # under a Gather, were the plan parallel
+            node = node["Plans"][0]
+        estimates = [p["Plan Rows"] for p in node["Plans"]]
+        for (k, w), rows in zip(keys.items(), estimates):
+            if rows > RANKED_DF:
+                found[w] = rows
+            else:
+                n = conn.execute(text(sql["probe"]), {"q": w, "cap": RANKED_DF + 1}).scalar()
+                found[w] = n if n <= RANKED_DF else max(rows, n)
+                if not n:  # no match: the words after it need no count
+                    break
+        return found, max(estimates[-1], 1)
+    for w in words:
+        found[w] = conn.execute(text(sql["probe"]), {"q": sql["query"]([w]),
+                                                     "cap": RANKED_DF + 1}).scalar()
+        if not found[w]:
+            break
+    return found, None
 
 
 def _id_ranges(conn, versions: list[str], params: dict) -> list[tuple[int, int]]:
@@ -264,13 +317,78 @@ def _newest(conn, sql: dict, where: list[str], params: dict, limit: int,
     return out[:limit]
 
 
-def _hits(rows: list[tuple], database_url: str | None) -> list[SearchHit]:
+def _pg_newest(conn, where: list[str], params: dict, limit: int,
+               ranges: list[tuple[int, int]], rated: bool, freqs: list[int],
+               total: int) -> list[tuple]:
+    """:func:`_newest` on PostgreSQL, for common words in ``freqs`` labels each (estimates;
+    ``total`` labels in all): the labels are read newest first through the filters, the match
+    computed on each label read, or the matches are fetched through the full-text index and
+    sorted; :func:`_use_index` chooses before each page, so that common words seldom found
+    together ("forest fires") go by the index and a common word alone by the id order."""
+    latest = _PG_LATEST_STATS.format(t="l")
+    joined = (f"JOIN feature_stats fs ON fs.feature_index = l.feature_index "
+              f"AND fs.stats_run_id = {latest}") if rated else ""
+    # the matches by the index: a lookup per match (OFFSET 0 keeps the subquery as written),
+    # as a join the planner may hash every stats row in range of the rate filter
+    looked_up = ("JOIN LATERAL (SELECT f.firing_rate FROM feature_stats f WHERE "
+                 f"f.feature_index = l.feature_index AND f.stats_run_id = {latest} OFFSET 0) "
+                 "fs ON true") if rated else ""
+    filters = " AND ".join(where)
+    scan = text(_PG_NEWEST.format(hit=_PG_TSQUERY, stats=joined, match="", order="l.id",
+                                  where=filters))
+    index = text(_PG_NEWEST.format(hit="true", stats=looked_up, match=_PG_TSQUERY + " AND",
+                                   order="l.id + 0", where=filters))
+    out, seen, size = [], set(), 2 * limit + 8
+
+    def take(page: list) -> None:
+        for r in page:
+            if r[9] and (r[1], r[2]) not in seen:
+                seen.add((r[1], r[2]))
+                out.append((*r[:9], 0.0))
+
+    read = 0
+    for i, (lo, hi) in enumerate(ranges):
+        before = hi + 1
+        while len(out) < limit:
+            left = before - lo + sum(b + 1 - a for a, b in ranges[i + 1:])  # ids unread
+            if _use_index(read, min(left, (limit - len(out)) * total / min(freqs)), freqs):
+                # the rest of the ranges by the index
+                lo, n = ranges[-1][0], size
+                while len(out) < limit:
+                    page = conn.execute(index, {**params, "lo": lo, "before": before,
+                                                "n": n}).all()
+                    take(page)
+                    if len(page) < n:
+                        break
+                    before, n = page[-1][0], min(4 * n, 5000)
+                return out[:limit]
+            page = conn.execute(scan, {**params, "lo": lo, "before": before, "n": size}).all()
+            read += len(page)
+            take(page)
+            if len(page) < size:
+                break
+            before, size = page[-1][0], min(4 * size, 5000)
+    return out[:limit]
+
+
+def _use_index(read: int, least: float, freqs: list[int]) -> bool:
+    """Whether a query of common words (in ``freqs`` labels each) that has read ``read``
+    labels newest first and must read at least ``least`` more fetches the rest of its matches
+    through the full-text index: when reading costs more than the index at most would (every
+    label of the rarest word fetched, every posting list decoded). ``least``: the labels that
+    hold the features still needed if every label of the rarest word held the other words,
+    or the unread labels of the id ranges if fewer."""
+    index_us = min(freqs) * HEAP_US + sum(freqs) * POSTING_US
+    return (read + least) * SCAN_US > index_us
+
+
+def _hits(rows: list[tuple], conn) -> list[SearchHit]:
     """SearchHits for (id, version_id, index, text, method, status, rate, sae, number, score)
-    rows, each under its feature's current label."""
+    rows, each under its feature's current label (looked up on the connection ``conn``)."""
     wanted: dict[int, set[int]] = {}
     for r in rows:
         wanted.setdefault(r[1], set()).add(r[2])
-    current = _current_rows_of(wanted, database_url)
+    current = _current_rows_of(wanted, None, conn)
     hits = []
     for r in rows:
         lab = current.get((r[1], r[2]))  # None only if rejected since the search: keep the match
@@ -331,9 +449,11 @@ def _current_rows(version_id: int, indices: list[int], database_url: str | None)
     return {i: lab for (_, i), lab in found.items()}
 
 
-def _current_rows_of(wanted: dict[int, set[int]], database_url: str | None) -> dict:
+def _current_rows_of(wanted: dict[int, set[int]], database_url: str | None,
+                     conn=None) -> dict:
     """The current label row (id, feature_index, text, method, status) per (version id,
-    feature index) of ``wanted`` (feature indices per version) that has one, in one query."""
+    feature index) of ``wanted`` (feature indices per version) that has one, in one query
+    (on the connection ``conn`` when given)."""
     from sqlalchemy import and_, or_, select
 
     from saereg.registry.catalog.feature_schema import FeatureLabel, current_label
@@ -341,14 +461,17 @@ def _current_rows_of(wanted: dict[int, set[int]], database_url: str | None) -> d
     wanted = {v: indices for v, indices in wanted.items() if indices}
     if not wanted:
         return {}
-    with db.session(database_url) as s:
-        rows = s.execute(select(FeatureLabel.id, FeatureLabel.version_id,
-                                FeatureLabel.feature_index, FeatureLabel.text,
-                                FeatureLabel.method, FeatureLabel.status)
-                         .where(or_(*(and_(FeatureLabel.version_id == v,
-                                           FeatureLabel.feature_index.in_(sorted(indices)))
-                                      for v, indices in wanted.items())),
-                                FeatureLabel.status != "rejected")).all()
+    stmt = (select(FeatureLabel.id, FeatureLabel.version_id, FeatureLabel.feature_index,
+                   FeatureLabel.text, FeatureLabel.method, FeatureLabel.status)
+            .where(or_(*(and_(FeatureLabel.version_id == v,
+                              FeatureLabel.feature_index.in_(sorted(indices)))
+                         for v, indices in wanted.items())),
+                   FeatureLabel.status != "rejected"))
+    if conn is not None:
+        rows = conn.execute(stmt).all()
+    else:
+        with db.session(database_url) as s:
+            rows = s.execute(stmt).all()
     by_feature: dict[tuple[int, int], list] = {}
     # oldest first, sorted here: ORDER BY id can make SQLite read whole versions through the
     # (version_id, id) index instead of looking the features up

@@ -14,7 +14,8 @@ rate), two common words, a common word with a rare one, and a rare word alone.
 Target: p95 < 20 ms for each kind at 1,000,000 labels.
 
     python benchmarks/search_bench.py --rows 1000000 [--queries 200] [--db PATH]
-        [--postgres postgresql+psycopg://postgres@127.0.0.1:5432/test]
+        [--postgres postgresql+psycopg://postgres@127.0.0.1:5432/test] [--skip-sqlite]
+        [--only "forest"]   # only the query kinds whose name holds the text
 """
 
 from __future__ import annotations
@@ -168,12 +169,14 @@ def queries(rng: random.Random, vocab: list[str], n_saes: int) -> dict[str, list
     }
 
 
-def bench(url: str, name: str, n: int, rows: int) -> None:
+def bench(url: str, name: str, n: int, rows: int, only: list[str] | None = None) -> None:
     from saereg.analysis.search import search_labels
 
     rng = random.Random(1)
     n_saes = (rows + SAE_FEATURES - 1) // SAE_FEATURES
     for kind, pool in queries(rng, vocabulary(), n_saes).items():
+        if only and not any(o in kind for o in only):
+            continue
         times, hits = [], 0
         for i in range(n + 5):
             t = time.perf_counter()
@@ -206,6 +209,8 @@ def main() -> None:
                    "saereg_search_bench_ROWS is made there and kept between runs")
     p.add_argument("--fresh", action="store_true", help="refill the catalogs")
     p.add_argument("--skip-sqlite", action="store_true")
+    p.add_argument("--only", action="append", default=None, metavar="TEXT",
+                   help="time only the query kinds whose name contains TEXT (repeatable)")
     args = p.parse_args()
     if not args.skip_sqlite:
         path = Path(args.db or f"/tmp/saereg-search-bench/catalog-{args.rows}.db")
@@ -216,7 +221,7 @@ def main() -> None:
             path.unlink()
         url = f"sqlite:///{path}"
         prepare(url, args.rows, False, "SQLite")
-        bench(url, "SQLite", args.queries, args.rows)
+        bench(url, "SQLite", args.queries, args.rows, args.only)
     if args.postgres:
         from sqlalchemy import create_engine, text
         from sqlalchemy.engine import make_url
@@ -237,7 +242,7 @@ def main() -> None:
         url = make_url(args.postgres).set(database=name).render_as_string(hide_password=False)
         migrate.upgrade_engine(db.get_engine(url, check_schema=False), "head")
         prepare(url, args.rows, bool(exists) and label_count(url) != args.rows, "PostgreSQL")
-        bench(url, "PostgreSQL", args.queries, args.rows)
+        bench(url, "PostgreSQL", args.queries, args.rows, args.only)
 
 
 if __name__ == "__main__":
