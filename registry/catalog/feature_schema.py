@@ -72,7 +72,14 @@ class FeatureStats(Base):
     """Statistics of one latent in one stats run. ``flag`` is 'dead', 'dense' or NULL."""
 
     __tablename__ = "feature_stats"
-    __table_args__ = (CheckConstraint("flag IN ('dead', 'dense')", name="flag"),)
+    __table_args__ = (
+        CheckConstraint("flag IN ('dead', 'dense')", name="flag"),
+        # a version's overview from index entries alone (migration 0007): counts per flag,
+        # and the most often firing live features read backwards by rate
+        Index("ix_feature_stats_run_flag", "stats_run_id", "flag"),
+        Index("ix_feature_stats_run_rate", "stats_run_id", "firing_rate", "feature_index", "flag",
+              "max_activation"),
+    )
     stats_run_id: Mapped[int] = mapped_column(ForeignKey("stats_runs.id"), primary_key=True)
     feature_index: Mapped[int] = mapped_column(Integer, primary_key=True)
     firing_rate: Mapped[float] = mapped_column(Float)

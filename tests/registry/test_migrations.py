@@ -258,7 +258,11 @@ EXPECTED_SCHEMA = {
         },
         "pk": ("stats_run_id", "feature_index"),
         "unique": [],
-        "indexes": [],
+        "indexes": [
+            ("ix_feature_stats_run_flag", ("stats_run_id", "flag"), False),
+            ("ix_feature_stats_run_rate",
+             ("stats_run_id", "firing_rate", "feature_index", "flag", "max_activation"), False),
+        ],
         "fks": [(("stats_run_id",), "stats_runs", ("id",))],
         "checks": ["ck_feature_stats_flag"],
     },
@@ -475,9 +479,14 @@ def seed_0005(conn) -> None:
     seed_0004(conn)
 
 
+def seed_0006(conn) -> None:
+    """The 0005 data (0007 adds only indexes on feature_stats)."""
+    seed_0005(conn)
+
+
 SEEDERS = {"0001_catalog": seed_0001, "0002_key_metrics": seed_0002,
            "0003_publications": seed_0003, "0004_feature_catalog": seed_0004,
-           "0005_label_embeddings": seed_0005}
+           "0005_label_embeddings": seed_0005, "0006_label_search_index": seed_0006}
 
 
 def seed_at(url: str, revision: str) -> str:
