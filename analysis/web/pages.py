@@ -53,6 +53,14 @@ def version_page(request: Request, ref: str):
     return render(request, "version.html", data=data, version_nav=data["ref"])
 
 
+@router.get("/saelens/{release}/{sae_id:path}")
+def release_page(request: Request, release: str, sae_id: str):
+    """``saelens://RELEASE/ID`` as a path (a reference with slashes cannot sit in /sae/REF):
+    the page of the version pulled from it (nothing is downloaded here)."""
+    info = views.get_version(f"saelens://{release}/{sae_id}", _db(request))
+    return RedirectResponse(f"/sae/{quote(info.ref)}", status_code=303)
+
+
 @router.get("/sae/{ref}/diff")
 def diff_form(request: Request, ref: str, other: str = ""):
     if not other.strip():

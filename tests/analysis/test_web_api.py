@@ -228,6 +228,18 @@ def test_bad_references_and_indices_are_one_line_errors(web):
         r = c.get(path)
         assert r.status_code == status and r.headers["content-type"].startswith("text/html")
         assert 'id="detail"' in r.text and "Traceback" not in r.text, path
+    # a release reference as a path: the page of the version pulled from it, else how to pull
+    from saereg.registry.catalog.queries import SAE_ID_TAG, release_tag
+    from saereg.registry.catalog.writes import Catalog
+
+    Catalog().tag(ref, {release_tag("gemma-scope-2b-pt-res"): "layer_1/width_16k/canonical",
+                        SAE_ID_TAG: "layer_1/width_16k/canonical"})
+    r = c.get("/saelens/gemma-scope-2b-pt-res/layer_1/width_16k/canonical",
+              follow_redirects=False)
+    assert r.status_code == 303 and r.headers["location"] == f"/sae/{ref}", r.text
+    r = c.get("/saelens/gemma-scope-2b-pt-res/layer_2/width_16k/canonical")
+    assert r.status_code == 404 and "saereg sync pull --release gemma-scope-2b-pt-res " \
+        "--sae-id layer_2/width_16k/canonical" in r.text.replace("\n", " ")
     r = c.post("/api/labels/99999/status", json={"status": "accepted"})
     assert r.status_code == 404 and "unknown label '99999'" in detail(r)
     r = c.post(f"/api/sae/{ref}/feature/96/labels", json={"text": "x"})
