@@ -147,6 +147,13 @@ def _fts_query(words: list[str]) -> str:
     return " ".join('"' + w.replace('"', "") + '"' for w in words)
 
 
+PG_DOCUMENT = "to_tsvector('english', translate({col}, '<>/.@', '     '))"
+"""A label as PostgreSQL's full-text search reads it (and its GIN index holds it, migration
+0008): markup, paths and dotted names split into words first, as SQLite's tokenizer splits
+them; PostgreSQL's own parser reads ``<div>`` as a tag and drops it with the words of
+``'<b>bold</b>'`` and ``model.layers`` as one host name."""
+
+
 _TEXT = {
     "sqlite": {
         "query": _fts_query,
@@ -169,10 +176,11 @@ _TEXT = {
         "query": " ".join,
         "estimate": "EXPLAIN (FORMAT JSON) ",
         "probe": "SELECT count(*) FROM (SELECT 1 FROM feature_labels WHERE "
-                 "to_tsvector('english', text) @@ plainto_tsquery('english', :q) LIMIT :cap) x",
-        "rank": "SELECT id, -ts_rank(to_tsvector('english', text), "
+                 f"{PG_DOCUMENT.format(col='text')} @@ plainto_tsquery('english', :q) "
+                 "LIMIT :cap) x",
+        "rank": f"SELECT id, -ts_rank({PG_DOCUMENT.format(col='text')}, "
                 "plainto_tsquery('english', :rq)) AS score FROM feature_labels "
-                "WHERE to_tsvector('english', text) @@ plainto_tsquery('english', :q) "
+                f"WHERE {PG_DOCUMENT.format(col='text')} @@ plainto_tsquery('english', :q) "
                 "ORDER BY score, id DESC",
         "all": None,  # the rank query matches every word itself
     },
@@ -196,7 +204,7 @@ Read by id (``{hit}`` the match, computed for the rows read only, after the filt
 matches by the full-text index (``{match}``; ``l.id + 0`` keeps the planner off the id order,
 which would recompute to_tsvector for every label read); the firing rate is looked up for the
 matches only, after the LIMIT."""
-_PG_TSQUERY = "to_tsvector('english', l.text) @@ plainto_tsquery('english', :q)"
+_PG_TSQUERY = f"{PG_DOCUMENT.format(col='l.text')} @@ plainto_tsquery('english', :q)"
 SCAN_US, HEAP_US, POSTING_US = 20.0, 4.0, 0.006
 """PostgreSQL cost model of a query of common words only, in microseconds (measured on a
 catalog of 1,000,000 labels): a label read newest first (to_tsvector recomputed), a match
@@ -218,7 +226,7 @@ def _frequencies(conn, sql: dict, words: list[str]) -> tuple[dict, int | None]:
         if not keys:
             return found, None
         plan = conn.execute(text(sql["estimate"] + " UNION ALL ".join(
-            [f"SELECT 1 FROM feature_labels WHERE to_tsvector('english', text) @@ "
+            [f"SELECT 1 FROM feature_labels WHERE {PG_DOCUMENT.format(col='text')} @@ "
              f"plainto_tsquery('english', :{k})" for k in keys] +
             ["SELECT 1 FROM feature_labels"])), keys).scalar()
         if isinstance(plan, str):

@@ -131,8 +131,10 @@ def fill(url: str, rows: int) -> None:
     with eng.connect() as conn:
         if pg:
             conn = conn.execution_options(isolation_level="AUTOCOMMIT")
+            from saereg.analysis.search import PG_DOCUMENT
+
             conn.execute(text("CREATE INDEX ix_feature_labels_text_tsv ON feature_labels "
-                              "USING gin (to_tsvector('english', text))"))
+                              f"USING gin ({PG_DOCUMENT.format(col='text')})"))
             conn.execute(text("VACUUM ANALYZE"))
         else:
             conn.execute(text("ANALYZE"))

@@ -484,9 +484,15 @@ def seed_0006(conn) -> None:
     seed_0005(conn)
 
 
+def seed_0007(conn) -> None:
+    """The 0006 data (0008 rebuilds PostgreSQL's full-text index of the labels)."""
+    seed_0006(conn)
+
+
 SEEDERS = {"0001_catalog": seed_0001, "0002_key_metrics": seed_0002,
            "0003_publications": seed_0003, "0004_feature_catalog": seed_0004,
-           "0005_label_embeddings": seed_0005, "0006_label_search_index": seed_0006}
+           "0005_label_embeddings": seed_0005, "0006_label_search_index": seed_0006,
+           "0007_feature_stats_overview": seed_0007}
 
 
 def seed_at(url: str, revision: str) -> str:
@@ -526,6 +532,32 @@ def test_every_older_revision_with_data_upgrades_to_head(new_url):
         upgrade(url)
         assert schema(url) == EXPECTED_SCHEMA
         check_seeded(url, catalog_id)
+
+
+def test_labels_with_markup_are_found_by_their_words_after_upgrade(new_url):
+    """A label about HTML tokens is found by the words inside its tags once a 0007 catalog is
+    upgraded; on PostgreSQL the search's own expression is served by the rebuilt GIN index."""
+    from saereg.analysis.search import _TEXT, search_labels
+
+    url = new_url()
+    seed_at(url, "0007_feature_stats_overview")
+    upgrade(url)
+    with db.get_engine(url).begin() as conn:
+        conn.execute(sa.insert(table("feature_labels", "version_id", "feature_index", "text",
+                                     "method", "status", "created_at", "created_by")),
+                     [{"version_id": 1, "feature_index": 5, "method": "human",
+                       "text": "fires on '<div>', '</span>' and model.layers", "status":
+                       "candidate", "created_at": NOW, "created_by": "alice"}])
+    for word in ("div", "span", "layers"):
+        hits = search_labels(word, database_url=url)
+        assert [(h.feature_index, h.label) for h in hits] == [
+            (5, "fires on '<div>', '</span>' and model.layers")], word
+    if url.startswith("postgresql"):
+        with db.get_engine(url).connect() as conn:
+            conn.exec_driver_sql("SET enable_seqscan = off")
+            plan = conn.execute(sa.text("EXPLAIN " + _TEXT["postgresql"]["probe"]),
+                                {"q": "div", "cap": 10}).scalars().all()
+        assert any(PG_FTS_INDEX in line for line in plan), plan
 
 
 def test_sqlite_catalog_upgrades_itself_on_first_use(tmp_path):
