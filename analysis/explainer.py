@@ -87,11 +87,12 @@ def explain_prompt_text(top_examples: list[dict], top_logits: list) -> str:
 
 
 def detection_score(cfg: LLMConfig, label: str, positives: list[dict], negatives: list[dict],
-                    seed: int = 0) -> float:
-    """Balanced accuracy of the LLM telling ``positives`` from ``negatives`` by ``label``."""
+                    seed: int = 0) -> float | None:
+    """Balanced accuracy of the LLM telling ``positives`` from ``negatives`` by ``label``;
+    None (no score) when either side has no example."""
     n = min(len(positives), len(negatives))
     if n == 0:
-        return float("nan")
+        return None
     mix = [(e, 1) for e in positives[:n]] + [(e, 0) for e in negatives[:n]]
     random.Random(seed).shuffle(mix)
     prompt = (f"Feature label: {label}\nFor each text below answer 1 if the feature described "

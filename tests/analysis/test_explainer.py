@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner
 from sqlalchemy import func, select
 
-from saereg.analysis.explainer import LLMConfig, label_llm
+from saereg.analysis.explainer import LLMConfig, detection_score, label_llm
 from saereg.analysis.stats import AnalyzeConfig, analyze, feature_stats
 from saereg.commands.main import cli
 from saereg.registry.catalog import db
@@ -94,3 +94,13 @@ def test_llm_labels_with_detection_score(tiny_sae, llm_server, monkeypatch):
     Handler.mode = "smart"
     r = CliRunner().invoke(cli, ["label", tiny_sae, str(live[0]), "--llm"])
     assert r.exit_code == 0 and r.output.startswith(f"{live[0]}\t")
+
+
+def test_detection_score_without_negatives_is_none_not_nan():
+    """A label with nothing to tell its examples from gets no score (stored as NULL, shown as
+    '-'), not NaN, which JSON and the catalog's pull check refuse; the LLM is not asked (the
+    endpoint here is a closed port)."""
+    example = {"tokens": ["a", "b"], "peak": 1, "acts": [0.0, 1.0], "activation": 1.0}
+    cfg = LLMConfig("http://127.0.0.1:9/v1", "tiny-judge")
+    assert detection_score(cfg, "marks b", [example], []) is None
+    assert detection_score(cfg, "marks b", [], [example]) is None

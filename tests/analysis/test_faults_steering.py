@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 from catalog_helpers import catalog_state, error_line
@@ -31,6 +32,7 @@ from saereg.analysis.search import search_labels
 from saereg.analysis.steering import create_preset, steer
 from saereg.commands.main import cli
 from saereg.registry.catalog import db
+from saereg.registry.catalog.feature_schema import MAX_LABEL_CHARS
 from saereg.registry.catalog.writes import Catalog
 from saereg.registry.errors import ConfigError, SaeRegError, UsageError
 
@@ -172,9 +174,22 @@ def test_search_min_rate_above_max_rate_is_refused(tiny_sae, mlflow_store, befor
 
 
 def test_label_longer_than_the_limit_is_refused(tiny_sae, mlflow_store, before):
-    long = "word " * (labels.MAX_LABEL_CHARS // 5 + 1)
-    message = f"a label is at most {labels.MAX_LABEL_CHARS} characters"
+    long = "word " * (MAX_LABEL_CHARS // 5 + 1)
+    message = f"a label is at most {MAX_LABEL_CHARS} characters"
     with pytest.raises(UsageError, match=message):
         labels.add_label(tiny_sae, 3, long)
     assert message in one_error(CliRunner().invoke(cli, ["label", tiny_sae, "3", long]), 2)
     assert catalog_state(Catalog().store, mlflow_store) == before
+
+
+@pytest.mark.parametrize("char", ["\x00", "\x07", "\x1b", "\x9b"])
+def test_label_with_a_control_character_is_refused(tiny_sae, mlflow_store, before, char):
+    """NUL (which PostgreSQL refuses in text), a bell, an escape, a C1 control: refused by
+    name on both databases, nothing written; whitespace controls only fold into spaces."""
+    message = f"a label may not hold control characters (found {char!r})"
+    with pytest.raises(UsageError, match=re.escape(message)):
+        labels.add_label(tiny_sae, 3, f"travel{char}by train")
+    line = one_error(CliRunner().invoke(cli, ["label", tiny_sae, "3", f"a{char}b"]), 2)
+    assert message in line
+    assert catalog_state(Catalog().store, mlflow_store) == before
+    assert labels.add_label(tiny_sae, 3, "travel\tby\r\ntrain").text == "travel by train"

@@ -13,6 +13,7 @@ token reaches the server but no output, file, catalog or MLflow store."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sys
 
@@ -159,8 +160,9 @@ def _study(ref: str) -> None:
     rows = [{"feature_index": f, "firing_rate": f / 1000, "mean_activation": 0.5 + f,
              "max_activation": 2.0 + f, "flag": "dead" if f == 5 else None,
              "histogram": {"log10_low": -4.0, "log10_high": 4.0, "counts": [f, 1, 0]},
-             "top_examples": [{"tokens": ["a", "b"], "acts": [0.0, 2.0 + f], "doc": f"d{f}",
-                               "offset": f, "activation": 2.0 + f}],
+             "top_examples": [{"tokens": ["a", "b"], "acts": [0.0, 2.0 + f], "peak": 1,
+                               "window": f, "position": 1, "token_ids": [7, 8],
+                               "doc_id": f"d{f}", "doc_offset": f, "activation": 2.0 + f}],
              "interval_examples": [{"low": 0.0, "high": 1.0, "examples": []}],
              "top_logits": [["tok", 1.5]], "bottom_logits": [["neg", -1.5]]}
             for f in range(info.d_sae)]
@@ -202,6 +204,7 @@ def _labels_and_stats(ref: str):
 
 def test_labels_and_statistics_round_trip(hub, home, tmp_path, mlflow_template, monkeypatch):
     from saereg.analysis.search import search_labels
+    from saereg.analysis.semantic import search_meaning
 
     _study("tiny@1")
     mine = _labels_and_stats("tiny@1")
@@ -226,14 +229,130 @@ def test_labels_and_statistics_round_trip(hub, home, tmp_path, mlflow_template, 
     assert theirs[2] == mine[2]
     [hit] = search_labels("journeys")  # the pulled history is searchable (full-text index)
     assert (hit.feature_index, hit.ref) == (3, "tiny@1")
+    assert "embedded 4 labels for search by meaning" in result.output  # and by meaning
+    assert search_meaning("a trip by rail")[0].feature_index == 3
     counts = table_counts()
     [again] = pull(f"{REPO}@tiny-v1")
     assert not again.added and table_counts() == counts
 
 
+def _set(path: str, value):
+    """A change to a FeatureExport: ``path`` is 'stats.5.firing_rate', 'labels.3.1.status',
+    'rates.5' or 'run.tokens' (list positions and dict keys, dots between)."""
+    def change(export):
+        root, *keys = path.split(".")
+        target = {"stats": export.stats, "labels": export.labels, "rates": export.log10_rates,
+                  "run": export.stats_run}[root]
+        for key in keys[:-1]:
+            target = target[int(key) if isinstance(target, list) else key]
+        last = keys[-1]
+        target[int(last) if isinstance(target, list) else last] = value
+    return change
+
+
+BAD_FEATURES = {
+    # what is changed -> the error's words
+    "status": (_set("labels.3.1.status", "maybe"),
+               "feature 3 has a label with method 'human' / status 'maybe'"),
+    "nan-rate": (_set("stats.5.firing_rate", float("nan")),
+                 "feature 5: firing_rate is not a finite number (nan)"),
+    "rate-above-1": (_set("stats.5.firing_rate", 1.5),
+                     "feature 5: firing_rate must lie in [0.0, 1.0], not 1.5"),
+    "inf-max": (_set("stats.9.max_activation", float("inf")),
+                "feature 9: max_activation is not a finite number (inf)"),
+    "log10-inf": (_set("rates.2", float("inf")),
+                  "feature 2: log10_firing_rate must be at most 0 (or -inf), not inf"),
+    "flag": (_set("stats.4.flag", "<b>x</b>"),
+             "feature 4: flag must be 'dead', 'dense' or null, not '<b>x</b>'"),
+    "peak": (_set("stats.6.top_examples.0.peak", 9),
+             "feature 6: top example 0: peak must be an integer in 0..1, not 9"),
+    "acts": (_set("stats.6.top_examples.0.acts", [1.0]),
+             "feature 6: top example 0: acts has 1 values for 2 tokens"),
+    "token": (_set("stats.6.top_examples.0.tokens", ["a", 5]),
+              "feature 6: top example 0: a token must be a string, not int"),
+    "example": (_set("stats.6.top_examples", [["a", "b"]]),
+                "feature 6: top example 0 must be an object, not list"),
+    "histogram": (_set("stats.1.histogram", {"counts": [1]}),
+                  "feature 1: histogram lacks 'log10_low', 'log10_high'"),
+    "logits": (_set("stats.1.top_logits", [["tok"]]),
+               "feature 1: top_logits must hold [token, value] pairs"),
+    "nul-label": (_set("labels.7.0.text", "numbers\x00in code"),
+                  "feature 7: label 0 may not hold control characters (found '\\x00')"),
+    "long-author": (_set("labels.7.0.created_by", "a" * 200),
+                    "feature 7: label 0 created_by is 200 characters long; at most 128"),
+    "time": (_set("labels.7.0.created_at", "yesterday"),
+             "feature 7: label 0 created_at is not an ISO 8601 time ('yesterday')"),
+    "score": (_set("labels.7.0.detection_score", float("nan")),
+              "feature 7: label 0 detection_score is not a finite number (nan)"),
+    "supersedes": (_set("labels.7.0.supersedes", 0),
+                   "feature 7 has a label that supersedes position 0, which is not an earlier"),
+    "run-tokens": (_set("run.tokens", -1),
+                   "the stats run: tokens must be an integer in 0..")}
+
+
+def _export():
+    """A FeatureExport of 12 latents shaped as analyze and the label commands write them."""
+    from saereg.registry.hub.features import FeatureExport
+
+    def example(f):
+        return {"tokens": ["a", "b"], "acts": [0.0, 2.0 + f], "peak": 1, "window": f,
+                "position": 1, "token_ids": [7, 8], "doc_id": f"d{f}", "doc_offset": f,
+                "activation": 2.0 + f}
+
+    def label(text, j=None):
+        return {"text": text, "method": "human", "model": None, "status": "candidate",
+                "detection_score": None, "created_at": "2026-01-02T03:04:05+00:00",
+                "created_by": "ann", "supersedes": j}
+
+    stats = [{"firing_rate": f / 1000, "mean_activation": 0.5 + f, "max_activation": 2.0 + f,
+              "flag": None, "histogram": {"log10_low": -4.0, "log10_high": 4.0,
+                                          "counts": [f, 1, 0]},
+              "top_examples": [example(f)],
+              "interval_examples": [{"low": 0.0, "high": 1.0, "examples": [example(f)]}],
+              "top_logits": [["tok", 1.5]], "bottom_logits": [["neg", -1.5]]}
+             for f in range(12)]
+    labels = [[] for _ in range(12)]
+    labels[3] = [label("travel and journeys"), label("trains and travel", 0)]
+    labels[7] = [label("numbers in code")]
+    return FeatureExport(d_sae=12, log10_rates=[-3.0] * 11 + [float("-inf")],
+                         stats_run={"dataset": "tiny", "tokens": 4096, "context_size": 32,
+                                    "params": {}, "created_at": "2026-01-02T03:04:05+00:00",
+                                    "created_by": "ann", "code_version": "1"},
+                         stats=stats, labels=labels)
+
+
+def test_a_good_features_file_reads_back_whole(tmp_path):
+    """The export every bad case below starts from is accepted as it is (a dead latent's
+    log10 rate of -inf included), so each case's error comes from its one change."""
+    from saereg.registry.hub import features as hub_features
+
+    path = tmp_path / "features.parquet"
+    hub_features.write(path, _export())
+    back = hub_features.read(path, 12)
+    assert back.stats == _export().stats and back.labels == _export().labels
+    assert back.log10_rates[11] == float("-inf")
+
+
+@pytest.mark.parametrize("case", sorted(BAD_FEATURES))
+def test_a_bad_features_file_is_refused_by_feature_and_field(tmp_path, case):
+    from saereg.registry.hub import features as hub_features
+
+    export = _export()
+    change, words = BAD_FEATURES[case]
+    change(export)
+    path = tmp_path / "features.parquet"
+    hub_features.write(path, export)
+    with pytest.raises(SAEFormatError, match=re.escape(f"features.parquet: {words}")):
+        hub_features.read(path, 12)
+
+
+@pytest.mark.parametrize("case", ["status", "nul-label"])
 def test_a_bad_features_file_on_pull_records_nothing(hub, home, tmp_path, mlflow_template,
-                                                      monkeypatch):
-    """features.parquet whose labels point nowhere: the pull stops before recording anything."""
+                                                      monkeypatch, case):
+    """features.parquet from elsewhere holding what the catalog cannot keep or its pages
+    cannot show (here: a status no label has; a label with a NUL, which PostgreSQL refuses in
+    text): one error naming the feature and the field, from the CLI with exit code 1, and the
+    pull records nothing."""
     import pyarrow.parquet as pq
 
     from saereg.registry.hub import features as hub_features
@@ -241,17 +360,49 @@ def test_a_bad_features_file_on_pull_records_nothing(hub, home, tmp_path, mlflow
     _study("tiny@1")
     push("tiny@1", REPO)
     export = hub_features.read(_fetch(hub, "tiny/features.parquet", tmp_path), 64)
-    export.labels[3][1]["status"] = "maybe"
+    change, words = BAD_FEATURES[case]
+    change(export)
     bad = tmp_path / "bad.parquet"
     hub_features.write(bad, export)
     assert pq.read_table(bad).column("labels").type.value_type == hub_features._label_type()
     _upload_over(hub, "tiny", bad, tmp_path)
     switch_home(tmp_path / "other-home", mlflow_template, monkeypatch)
-    with pytest.raises(SAEFormatError, match="feature 3 has a label with method 'human' / status "
-                                        "'maybe'"):
+    with pytest.raises(SAEFormatError, match=re.escape(f"features.parquet: {words}")):
         pull(f"{REPO}@main")
+    result = sh("sync", "pull", f"{REPO}@main")
+    assert result.exit_code == 1 and words in result.output, result.output
     assert table_counts()["sae_versions"] == 0 and table_counts()["feature_labels"] == 0
-    assert not publications()
+    assert table_counts()["stats_runs"] == 0 and not publications()
+
+
+def test_features_file_that_is_not_json_inside_records_nothing(hub, home, tmp_path,
+                                                               mlflow_template, monkeypatch):
+    """A JSON column holding text that is not JSON, and stats-run metadata that is not an
+    object: each refused by name before anything is recorded."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    _study("tiny@1")
+    push("tiny@1", REPO)
+    table = pq.read_table(_fetch(hub, "tiny/features.parquet", tmp_path))
+    column = table.column("histogram").to_pylist()
+    column[11] = "{not json"
+    broken = table.set_column(table.column_names.index("histogram"), "histogram",
+                              pa.array(column, pa.string()))
+    bad = tmp_path / "bad.parquet"
+    pq.write_table(broken, bad)
+    _upload_over(hub, "tiny", bad, tmp_path)
+    switch_home(tmp_path / "other-home", mlflow_template, monkeypatch)
+    with pytest.raises(SAEFormatError, match="features.parquet: feature 11: histogram is not "
+                                             "JSON"):
+        pull(f"{REPO}@main")
+    meta = table.replace_schema_metadata({b"saereg.stats_run": b"[1, 2]"})
+    pq.write_table(meta, bad)
+    _upload_over(hub, "tiny", bad, tmp_path)
+    with pytest.raises(SAEFormatError, match=r"the stats run \(schema metadata\) must be an "
+                                             "object, not list"):
+        pull(f"{REPO}@main")
+    assert table_counts()["sae_versions"] == 0 and table_counts()["stats_runs"] == 0
 
 
 def _fetch(hub, name: str, tmp_path):
