@@ -28,6 +28,7 @@ from sqlalchemy import text
 
 from saereg.registry.catalog import db
 from saereg.registry.errors import ConfigError, UsageError
+from saereg.registry.models import in_clause, model_ids
 from saereg.registry.sae.checks import finite_number
 
 
@@ -95,11 +96,14 @@ def search_labels(query: str, *, model: str | None = None, hook: str | None = No
         raise UsageError(f"label search needs SQLite or PostgreSQL, not {engine.dialect.name}")
     sql = _TEXT[engine.dialect.name]
     where, params = ["l.status <> 'rejected'"], {}
-    for col, value in (("m.name", model), ("s.hook", hook), ("s.name", sae)):
+    for col, value in (("s.hook", hook), ("s.name", sae)):
         if value:
             key = f"p{len(params)}"
             where.append(f"{col} = :{key}")
             params[key] = value
+    with engine.connect() as conn:
+        if model:  # every recorded name of that model (saereg.registry.models)
+            where.append(in_clause("s.model_id", model_ids(conn, model)))
     versions = where[1:]  # the filters that pick SAE versions
     if min_rate is not None:
         where.append("fs.firing_rate >= :min_rate")

@@ -31,6 +31,7 @@ from saereg.analysis.embed import EMBED_DIM, EMBED_MODEL, embed, one_thread
 from saereg.analysis.search import SearchHit, rate_bounds, search_labels
 from saereg.registry.catalog import db
 from saereg.registry.errors import SaeRegError, UsageError
+from saereg.registry.models import in_clause, model_ids
 
 MAX_QUERY_CHARS = 1000
 RRF_K = 60
@@ -163,13 +164,14 @@ def unembedded(database_url: str | None = None) -> int:
 def _scope(conn, model, hook, sae) -> dict[int, tuple[str, int, str]]:
     """The versions the filters leave: id -> (SAE name, number, hook)."""
     where, params = [], {}
-    for col, value in (("m.name", model), ("s.hook", hook), ("s.name", sae)):
+    for col, value in (("s.hook", hook), ("s.name", sae)):
         if value:
             where.append(f"{col} = :p{len(params)}")
             params[f"p{len(params)}"] = value
+    if model:  # every recorded name of that model (saereg.registry.models)
+        where.append(in_clause("s.model_id", model_ids(conn, model)))
     rows = conn.execute(text(
-        "SELECT v.id, s.name, v.number, s.hook FROM sae_versions v JOIN saes s ON s.id = v.sae_id "
-        "JOIN language_models m ON m.id = s.model_id"
+        "SELECT v.id, s.name, v.number, s.hook FROM sae_versions v JOIN saes s ON s.id = v.sae_id"
         + (" WHERE " + " AND ".join(where) if where else "")), params).all()
     return {r[0]: (r[1], r[2], r[3]) for r in rows}
 

@@ -126,7 +126,7 @@ def create_preset(name: str, sae: str | None = None,
     from saereg.analysis.stats import check_index
     from saereg.registry.api import get_version
     from saereg.registry.catalog.rows import current_user
-    from saereg.training.lm_load import same_model
+    from saereg.registry.models import same_model
 
     validate_name(name)
     try:
@@ -203,7 +203,8 @@ def apply_preset(lm, preset: Preset, *, database_url: str | None = None,
     import torch
 
     from saereg.registry.api import load_sae
-    from saereg.training.lm import same_model, splice
+    from saereg.registry.models import same_model
+    from saereg.training.lm import splice
 
     if not same_model(lm.name, preset.model):
         raise UsageError(f"preset {preset.name}@{preset.number} steers {preset.model!r}, "

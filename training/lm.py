@@ -18,8 +18,7 @@ import torch
 
 from saereg.registry.errors import ConfigError, HookNotFoundError
 from saereg.training.lm_load import (PACKAGED_MODELS, LoadedLM, _no_progress_bars,  # noqa: F401
-                                     load_lm, model_ref, packaged_gguf_path, saereg_home,
-                                     same_model)
+                                     load_lm, model_ref, packaged_gguf_path, saereg_home)
 
 
 @dataclass(frozen=True)

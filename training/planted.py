@@ -134,6 +134,29 @@ def relu_with_encoder_of(planted: PlantedFeatures, sae, n_fit: int = 16384, n_ev
     return {"explained_variance": float(ev), "l0": float((a[:, :-1] > 0).sum(-1).float().mean())}
 
 
+@torch.no_grad()
+def support_ev(planted: PlantedFeatures, sae, n_eval: int = 8192) -> float:
+    """Explained variance with ``sae``'s own firing pattern but the best magnitudes: on the
+    fresh samples of :func:`recovery` (same ``n_eval``), each reconstructed from the decoder
+    rows of the latents that fire on it with coefficients fitted by least squares (b_dec kept).
+    At least the SAE's own EV; what it lacks of 1 is the cost of which latents fire (missed
+    features, spurious ones), and the gap to the SAE's EV is the cost of its magnitudes
+    (shrinkage)."""
+    sae = sae.eval()
+    x, _ = planted.sample(n_eval, seed=planted.seed * 1000 + 999_983)
+    fires = sae.encode(x) > 0
+    xn = sae.normalize_input(x.to(sae.W_enc.dtype)).double()
+    target = xn - sae.b_dec.detach().double()
+    rows = sae.W_dec.detach().double()
+    resid = target.clone()
+    for i in range(len(x)):
+        idx = fires[i].nonzero().flatten()
+        if len(idx):
+            coef = torch.linalg.lstsq(rows[idx].T, target[i]).solution
+            resid[i] = target[i] - coef @ rows[idx]
+    return float(1 - resid.pow(2).sum() / (xn - xn.mean(0)).pow(2).sum())
+
+
 def fit_in_process(cfg, device: str = "cpu"):
     """Train ``cfg`` (a TrainConfig with ``from_cache`` set) with the job's Lightning module
     and data module, without MLflow, checkpoints or evaluation (for tests); returns the

@@ -19,6 +19,7 @@ from saereg.registry.catalog.schema import (Alias, AliasEvent, LanguageModel, SA
                                             VersionFile, VersionTag)
 from saereg.registry.catalog.store import StoredFile
 from saereg.registry.errors import SAENotFoundError, UsageError, VersionNotFoundError
+from saereg.registry.models import model_ids
 from saereg.registry.refs import Ref, format_ref, parse_ref
 
 
@@ -227,8 +228,10 @@ def list_versions(s: Session, *, model: str | None = None, hook: str | None = No
          .join_from(SAEVersion, SAERecord, SAEVersion.sae_id == SAERecord.id)
          .join(LanguageModel, SAERecord.model_id == LanguageModel.id)
          .order_by(SAERecord.name, SAEVersion.number))
-    if model:
+    if model and "*" in model:
         q = q.where(_match(LanguageModel.name, model))
+    elif model:  # every recorded name of that model (saereg.registry.models)
+        q = q.where(LanguageModel.id.in_(model_ids(s, model)))
     if hook:
         q = q.where(_match(SAERecord.hook, hook))
     if architecture:
