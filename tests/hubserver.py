@@ -357,6 +357,10 @@ class Handler(BaseHTTPRequestHandler):
             files = dict(repo.commits[head])
             for item in lines:
                 key, value = item["key"], item["value"]
+                if key == "header" and value.get("parentCommit") not in (None, head):
+                    # as the Hub: a commit made on an older head is refused
+                    raise HubError(412, "A commit has happened since. Please refresh and try "
+                                        "again.")
                 if key == "file":
                     files[value["path"]] = Blob(base64.b64decode(value["content"]), False)
                 elif key == "lfsFile":

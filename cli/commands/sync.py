@@ -28,10 +28,24 @@ def sync() -> None:
 @click.option("--private", is_flag=True, help="Create the repo private.")
 @click.option("--all", "all_versions", is_flag=True,
               help="REF is an SAE name: push every version not yet published.")
-def sync_push(ref: str, repo: str, path: str | None, private: bool, all_versions: bool) -> None:
-    """Publish version REF (NAME, NAME@3, NAME@prod) to a Hub repo, tagged NAME-vN."""
+@click.option("--features", "features_only", is_flag=True,
+              help="REF was pushed there before: publish its labels and statistics as they are "
+                   "now (features.parquet on main; the version's tag and files stay).")
+def sync_push(ref: str, repo: str, path: str | None, private: bool, all_versions: bool,
+              features_only: bool) -> None:
+    """Publish version REF (NAME, NAME@3, NAME@prod) to a Hub repo, tagged NAME-vN; with
+    --features, update the features of a version published before."""
     from saereg.registry.hub import sync as hub
 
+    if features_only:
+        if all_versions or private:
+            raise UsageError("--features updates one published version; it takes neither "
+                             "--all nor --private")
+        p = hub.push_features(ref, repo, path=path)
+        state = "features already up to date" if p.skipped else "features published"
+        click.echo(f"{p.ref}: {state} at {p.repo}/{p.path or '.'} on main "
+                   f"(commit {p.commit[:12]})")
+        return
     if all_versions:
         if "@" in ref:
             raise UsageError(f"--all takes an SAE name, not a version ({ref!r})")
@@ -80,20 +94,20 @@ def sync_pull(spec: str | None, path: str | None, name: str | None, release: str
     pulled = hub.pull(spec, path=path, name=name)
     for p in pulled:
         state = "registered as" if p.added else "already in the catalog as"
-        extra = []
+        extra, new = [], "" if p.added else "new "
         if p.labels:
-            extra.append(f"{p.labels} labels")
+            extra.append(f"{p.labels} {new}labels")
         if p.stats_tokens is not None:
-            extra.append(f"statistics over {p.stats_tokens:,} tokens")
+            extra.append(f"{new}statistics over {p.stats_tokens:,} tokens")
         click.echo(f"{format_hf_ref(p.repo, p.path, p.commit[:12])}: {state} {p.ref}"
                    + (f" ({', '.join(extra)})" if extra else ""))
-    _embed_pulled_labels([p.ref for p in pulled if p.added and p.labels])
+    _embed_pulled_labels([p.ref for p in pulled if p.labels])
 
 
 def _embed_pulled_labels(refs: list[str]) -> None:
-    """Give the labels that came with pulled versions their sentence embeddings (search by
-    meaning), as labels written here get them; the versions are recorded by then, so an
-    interruption leaves labels that `saereg labels embed` finishes."""
+    """Give the labels that came with a pull their sentence embeddings (search by meaning), as
+    labels written here get them; they are recorded by then, so an interruption leaves labels
+    that `saereg labels embed` finishes."""
     if not refs:
         return
     from saereg.analysis.embed import available, backfill, progress_line

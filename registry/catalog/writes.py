@@ -407,6 +407,17 @@ class Catalog:
         name, number = self._write(f"adding a note to {ref}", attempt)
         return self.get(format_ref(name, number))
 
+    def add_feature_data(self, ref: str, change: Callable[[Session, int], T], *,
+                         what: str) -> T:
+        """Run ``change(session, version_id)`` for version ``ref`` as one write transaction,
+        retried whole while the database is busy: statistics and labels that arrive for a
+        version already recorded (a pull's features.parquet). ``change`` writes feature-catalog
+        rows only; the version itself does not change."""
+        def attempt(s: Session, _mlflow: MirrorChanges) -> T:
+            return change(s, queries.find_version(s, ref).id)
+
+        return self._write(what, attempt)
+
     # -- publications -------------------------------------------------------------------------
     def find_publication(self, ref: str, direction: str, repo: str,
                          path: str) -> PublicationRecord | None:

@@ -189,33 +189,84 @@ def read(path: Path, d_sae: int) -> FeatureExport:
     return out
 
 
-def insert(s: Session, version_id: int, export: FeatureExport, *, source: str) -> None:
+def _moment(value: datetime | str | None) -> str | None:
+    """A time as one comparable string (UTC, ISO 8601), from the catalog or from the file."""
+    if isinstance(value, str):
+        value = _parse_time(value)
+    if value is None:
+        return None
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=timezone.utc)
+    return value.astimezone(timezone.utc).isoformat()
+
+
+def _label_key(index: int, text: str, method: str, model: str | None, author: str | None,
+               when: datetime | str | None) -> tuple:
+    return (index, " ".join(text.split()), method, model, author or "unknown", _moment(when))
+
+
+def _run_key(dataset, tokens, context_size, code_version, author, when) -> tuple:  # noqa: ANN001
+    return (str(dataset or "unknown"), int(tokens or 0), int(context_size or 0),
+            str(code_version or "unknown")[:64], str(author or "unknown"), _moment(when))
+
+
+@dataclass
+class Merged:
+    """What :func:`merge` recorded."""
+
+    labels: int = 0
+    stats_tokens: int | None = None
+    """Tokens of the stats run it recorded (None: none, or one the version had already)."""
+
+
+def merge(s: Session, version_id: int, export: FeatureExport, *, source: str) -> Merged:
     """Record the statistics and labels of ``export`` (as :func:`read` returns it, checked)
-    for a new version, inside ``s``'s transaction (the caller's registration), keeping authors
-    and times."""
+    that version ``version_id`` does not hold yet, inside ``s``'s transaction, keeping authors
+    and times: the whole of it for a version being registered, and for one pulled before, the
+    stats run and the labels added upstream since. A label is the same when its feature, text,
+    method, model, author and time are (without a time in the file: the rest); what it
+    supersedes maps to the catalog's copy of that label. Statuses already recorded stay."""
     from saereg.registry.catalog.feature_schema import FeatureLabel, FeatureStats, StatsRun
     from saereg.registry.catalog.schema import utcnow
 
-    if export.stats_run is not None and export.stats:
-        meta = export.stats_run
-        run = StatsRun(version_id=version_id, dataset=str(meta.get("dataset") or "unknown"),
-                       tokens=int(meta.get("tokens") or 0),
-                       context_size=int(meta.get("context_size") or 0),
-                       code_version=str(meta.get("code_version") or "unknown")[:64],
-                       params={**(meta.get("params") or {}), "source": source},
-                       created_at=_parse_time(meta.get("created_at")) or utcnow(),
-                       created_by=str(meta.get("created_by") or "unknown"))
-        s.add(run)
-        s.flush()
-        rows = [{"stats_run_id": run.id, "feature_index": i, **{
-            k: (r[k] if r[k] is not None else default) for k, default in (
-                ("firing_rate", 0.0), ("mean_activation", 0.0), ("max_activation", 0.0),
-                ("flag", None), ("histogram", {}), ("top_examples", []),
-                ("interval_examples", []), ("top_logits", []), ("bottom_logits", []))}}
-            for i, r in enumerate(export.stats)]
-        s.execute(FeatureStats.__table__.insert(), rows)
+    out = Merged()
+    meta = export.stats_run
+    if meta is not None and export.stats:
+        timed = meta.get("created_at") is not None
+        have = {_run_key(r.dataset, r.tokens, r.context_size, r.code_version, r.created_by,
+                         r.created_at if timed else None)
+                for r in s.scalars(select(StatsRun).where(StatsRun.version_id == version_id))}
+        if _run_key(meta.get("dataset"), meta.get("tokens"), meta.get("context_size"),
+                    meta.get("code_version"), meta.get("created_by"),
+                    meta.get("created_at")) not in have:
+            run = StatsRun(version_id=version_id, dataset=str(meta.get("dataset") or "unknown"),
+                           tokens=int(meta.get("tokens") or 0),
+                           context_size=int(meta.get("context_size") or 0),
+                           code_version=str(meta.get("code_version") or "unknown")[:64],
+                           params={**(meta.get("params") or {}), "source": source},
+                           created_at=_parse_time(meta.get("created_at")) or utcnow(),
+                           created_by=str(meta.get("created_by") or "unknown"))
+            s.add(run)
+            s.flush()
+            rows = [{"stats_run_id": run.id, "feature_index": i, **{
+                k: (r[k] if r[k] is not None else default) for k, default in (
+                    ("firing_rate", 0.0), ("mean_activation", 0.0), ("max_activation", 0.0),
+                    ("flag", None), ("histogram", {}), ("top_examples", []),
+                    ("interval_examples", []), ("top_logits", []), ("bottom_logits", []))}}
+                for i, r in enumerate(export.stats)]
+            s.execute(FeatureStats.__table__.insert(), rows)
+            out.stats_tokens = run.tokens
+    existing: dict[tuple, int] = {}
+    for row in s.execute(select(FeatureLabel.id, FeatureLabel.feature_index, FeatureLabel.text,
+                                FeatureLabel.method, FeatureLabel.model,
+                                FeatureLabel.created_by, FeatureLabel.created_at)
+                         .where(FeatureLabel.version_id == version_id)
+                         .order_by(FeatureLabel.id)):
+        for when in (row.created_at, None):  # found by its time, or by the rest without one
+            existing.setdefault(_label_key(row.feature_index, row.text, row.method, row.model,
+                                           row.created_by, when), row.id)
     checked = export.labels
-    # round j inserts every feature's j-th label: what it supersedes (an earlier position) has
+    # round j records every feature's j-th label: what it supersedes (an earlier position) has
     # its id by then, and each round is one batched INSERT
     ids: list[list[int]] = [[] for _ in checked]
     for j in range(max((len(h) for h in checked), default=0)):
@@ -224,6 +275,11 @@ def insert(s: Session, version_id: int, export: FeatureExport, *, source: str) -
             if j >= len(history):
                 continue
             lab = history[j]
+            key = _label_key(index, lab["text"], lab["method"], lab.get("model"),
+                             lab.get("created_by"), lab.get("created_at"))
+            if key in existing:
+                ids[index].append(existing[key])
+                continue
             sup = lab.get("supersedes")
             batch.append((index, FeatureLabel(
                 version_id=version_id, feature_index=index, text=" ".join(lab["text"].split()),
@@ -232,7 +288,10 @@ def insert(s: Session, version_id: int, export: FeatureExport, *, source: str) -
                 detection_score=lab.get("detection_score"),
                 created_at=_parse_time(lab.get("created_at")) or utcnow(),
                 created_by=str(lab.get("created_by") or "unknown"))))
+            ids[index].append(-1)  # its id, once flushed
         s.add_all([row for _, row in batch])
         s.flush()
         for index, row in batch:
-            ids[index].append(row.id)
+            ids[index][j] = row.id
+        out.labels += len(batch)
+    return out

@@ -5,9 +5,11 @@ A push uploads, in one commit, ``PATH/`` with the SAELens files (cfg.json,
 sae_weights.safetensors, sparsity.safetensors), registry.json and features.parquet, plus the
 repo's README model card; then it tags the commit ``NAME-vN`` and records the publication in
 the catalog. The publication is recorded only after the commit and the tag exist, so a failed
-upload leaves nothing recorded and a retry completes it (the Hub skips unchanged files). A pull
-records each new version with its features, labels, statistics and pull record in one catalog
-transaction. This module writes no catalog rows itself: it calls the public methods of
+upload leaves nothing recorded and a retry completes it (the Hub skips unchanged files).
+:func:`push_features` later replaces a pushed folder's features.parquet on main (labels and
+statistics added since; the tag and SAE files stay). A pull records each new version with its
+features, labels, statistics and pull record in one catalog transaction; for a version the
+catalog has, it adds the labels and stats runs the file holds that the catalog lacks. This module writes no catalog rows itself: it calls the public methods of
 :class:`saereg.registry.catalog.writes.Catalog`.
 
 Nothing remote is trusted further than :mod:`saereg.registry.hub.verify` checks it: a pull
@@ -188,6 +190,61 @@ def push(ref: str, repo: str, *, path: str | None = None, private: bool = False,
     return Publication(info.ref, repo, path, tag, commit)
 
 
+def push_features(ref: str, repo: str, *, path: str | None = None,
+                  database_url: str | None = None) -> Publication:
+    """Publish the labels and statistics that version ``ref`` has now, for a version pushed to
+    ``repo`` at ``path`` before: one commit on main replaces the folder's features.parquet and
+    the file's sha256 in its registry.json, made on the commit read (a push that moved main
+    meanwhile makes the Hub refuse it). The version's tag and its SAE files stay as published;
+    a pull of main then adds what is new to a catalog that has the version. Refused when the
+    folder on main holds other SAE files (a later version pushed there); a no-op when the
+    features are the same."""
+    from huggingface_hub import CommitOperationAdd
+
+    from saereg.registry.catalog.writes import Catalog
+    from saereg.registry.hub import features as hub_features
+
+    validate_repo_id(repo)
+    cat = Catalog(database_url)
+    info = cat.get(ref)
+    path = repo_folder(path, info.name)
+    where = f"{repo}/{path or '.'}"
+    if cat.find_publication(info.ref, "push", repo, path) is None:
+        at = f" --path {path}" if path != info.name else ""
+        raise UsageError(f"{info.ref} was not pushed to {where}; push it first: saereg sync "
+                         f"push {info.ref} --repo {repo}{at}")
+    prefix = f"{path}/" if path else ""
+    api = _api()
+    with tempfile.TemporaryDirectory(prefix="saereg-features-") as tmp:
+        with hub_errors(f"reading {where}", repo, "main"):
+            head = verify.check_commit(api.repo_info(repo, revision="main").sha,
+                                       f"Hub repo {repo}@main")
+            local = api.hf_hub_download(repo, prefix + REGISTRY_FILE, revision=head,
+                                        cache_dir=tmp)
+        record = verify.read_record(Path(local), f"{where} at {head[:12]}")
+        theirs, mine = record["files"], {f.name: f.sha256 for f in info.files}
+        if any(theirs.get(f, {}).get("sha256") != mine.get(f) for f in SAE_FILES if f in mine):
+            raise HubError(f"{where} on main holds other SAE files than {info.ref} now (a later "
+                           "version pushed there?); refusing to put its features there")
+        features = Path(tmp) / FEATURES_FILE
+        hub_features.write(features, _feature_export(cat, info))
+        sha = sha256_file(features)
+        if (theirs.get(FEATURES_FILE) or {}).get("sha256") == sha:
+            return Publication(info.ref, repo, path, "main", head, skipped=True)
+        record["files"][FEATURES_FILE] = {"sha256": sha, "size": features.stat().st_size}
+        registry = Path(tmp) / REGISTRY_FILE
+        registry.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+        ops = [CommitOperationAdd(prefix + FEATURES_FILE, str(features)),
+               CommitOperationAdd(prefix + REGISTRY_FILE, str(registry))]
+        with hub_errors(f"publishing the features of {info.ref} to {repo}", repo),\
+                warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*commit a data file.*")
+            commit = api.create_commit(repo, ops, parent_commit=head,
+                                       commit_message=f"Update the features of {info.ref} at "
+                                                      f"{path or '.'}").oid
+    return Publication(info.ref, repo, path, "main", commit)
+
+
 def _check_same(api, repo: str, path: str, commit: str, record: dict, tag: str) -> None:
     from huggingface_hub import errors as hf
 
@@ -320,48 +377,56 @@ def _register_pulled(cat: Catalog, repo: str, folder: str, commit: str, rev: str
                      local: Path, record: dict | None, name: str | None) -> Pulled:
     from saereg.registry.catalog.sources import read_folder
     from saereg.registry.catalog.writes import DuplicateVersionError, PublicationRecord
+    from saereg.registry.hub import features as hub_features
     from saereg.registry.refs import validate_name
 
     record = record or {}
     pulled = PublicationRecord("pull", repo, folder, rev or commit, commit)
     name = validate_name(name or record.get("name") or folder.rsplit("/", 1)[-1] or
                          repo.split("/")[1])
+    src = read_folder(local)
+    export = None
+    if (local / FEATURES_FILE).is_file():  # checked whole before anything is recorded
+        export = hub_features.read(local / FEATURES_FILE, src.d_sae)
+    source = format_hf_ref(repo, folder, commit)
     same = {f: sha256_file(local / f) for f in ("cfg.json", "sae_weights.safetensors")}
     ref = _already_pulled(cat, name, same, pulled)
-    if ref is not None:
-        return Pulled(ref, repo, folder, commit, added=False)
-    src = read_folder(local)
-    lineage = record.get("lineage") or {}
-    src.kind, src.uri = "hub", format_hf_ref(repo, folder, commit)
-    src.metrics = {k: float(v) for k, v in (record.get("metrics") or {}).items()}
-    src.dataset = lineage.get("dataset") or src.dataset
-    src.training_tokens = lineage.get("training_tokens") or src.training_tokens
-    src.context_size = lineage.get("context_size") or src.context_size
-    tags = {"hub.repo": repo, "hub.path": folder or ".", "hub.commit": commit}
-    if record.get("version") is not None:
-        tags["hub.version"] = str(record["version"])
-    if lineage.get("mlflow_run_id"):
-        tags["hub.mlflow_run_id"] = str(lineage["mlflow_run_id"])
-    export = None
-    if (local / FEATURES_FILE).is_file():
-        from saereg.registry.hub import features as hub_features
-
-        export = hub_features.read(local / FEATURES_FILE, src.d_sae)
-        if src.log10_rates is None and any(r is not None for r in export.log10_rates):
+    if ref is None:
+        lineage = record.get("lineage") or {}
+        src.kind, src.uri = "hub", source
+        src.metrics = {k: float(v) for k, v in (record.get("metrics") or {}).items()}
+        src.dataset = lineage.get("dataset") or src.dataset
+        src.training_tokens = lineage.get("training_tokens") or src.training_tokens
+        src.context_size = lineage.get("context_size") or src.context_size
+        tags = {"hub.repo": repo, "hub.path": folder or ".", "hub.commit": commit}
+        if record.get("version") is not None:
+            tags["hub.version"] = str(record["version"])
+        if lineage.get("mlflow_run_id"):
+            tags["hub.mlflow_run_id"] = str(lineage["mlflow_run_id"])
+        if export is not None and src.log10_rates is None and any(
+                r is not None for r in export.log10_rates):
             src.log10_rates = export.log10_rates
-    source = format_hf_ref(repo, folder, commit)
-    try:
-        info = cat.register_source(
-            src, name, tags=tags, publication=pulled, same_files=same,
-            extra=None if export is None else
-            lambda s, vid: hub_features.insert(s, vid, export, source=source))
-    except DuplicateVersionError as e:  # another pull of these files committed first
-        return Pulled(_already_pulled(cat, name, same, pulled) or e.ref, repo, folder, commit,
-                      added=False)
-    return Pulled(info.ref, repo, folder, commit, added=True,
-                  labels=export.n_labels if export else 0,
-                  stats_tokens=int(export.stats_run.get("tokens") or 0)
-                  if export and export.stats_run else None)
+        merged = []
+        try:
+            info = cat.register_source(
+                src, name, tags=tags, publication=pulled, same_files=same,
+                extra=None if export is None else lambda s, vid: merged.append(
+                    hub_features.merge(s, vid, export, source=source)))
+        except DuplicateVersionError as e:  # another pull of these files committed first
+            ref = _already_pulled(cat, name, same, pulled) or e.ref
+        else:
+            done = merged[-1] if merged else hub_features.Merged()
+            return Pulled(info.ref, repo, folder, commit, added=True, labels=done.labels,
+                          stats_tokens=done.stats_tokens)
+    if export is None:
+        return Pulled(ref, repo, folder, commit, added=False)
+    # the version is here already: what its features.parquet holds that the catalog does not
+    # (labels written, a stats run made upstream since it was pulled) is added
+    done = cat.add_feature_data(ref, lambda s, vid: hub_features.merge(s, vid, export,
+                                                                      source=source),
+                                what=f"adding the features of {source} to {ref}")
+    return Pulled(ref, repo, folder, commit, added=False, labels=done.labels,
+                  stats_tokens=done.stats_tokens)
 
 
 # -- hf:// references ------------------------------------------------------------------------

@@ -8,7 +8,9 @@ source repo and commit, and pulling twice adds nothing; load_sae("hf://...") loa
 revision, also with HF_HUB_OFFLINE=1 once cached, and sae_lens loads the pulled folder and
 encodes the same. Bad repo ids, unknown revisions, a tampered file and a server error in the
 middle of an upload each give one clear error and record nothing; a retry completes. The HF
-token reaches the server but no output, file, catalog or MLflow store."""
+token reaches the server but no output, file, catalog or MLflow store. Labels added after a push
+go out with `sync push --features` and come into a catalog that has the version with a pull;
+a features.parquet holding what the catalog cannot keep is refused by feature and field."""
 
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ import sys
 
 import pytest
 import torch
-from catalog_helpers import log_training_run, table_counts
+from catalog_helpers import log_training_run, make_sae_folder, table_counts
 from click.testing import CliRunner
 from hubserver import serve_hub_online
 from sqlalchemy import select
@@ -288,6 +290,98 @@ BAD_FEATURES = {
                    "feature 7 has a label that supersedes position 0, which is not an earlier"),
     "run-tokens": (_set("run.tokens", -1),
                    "the stats run: tokens must be an integer in 0..")}
+
+
+def test_features_published_after_the_push_reach_a_catalog_that_has_the_version(
+        hub, home, tmp_path, mlflow_template, monkeypatch):
+    """Labels and a stats run added after a version was pushed: `sync push --features` puts
+    them on main in one commit (the version's tag keeps its files); a catalog that pulled the
+    version from its tag gets what is new from a pull of that commit (labels with authors,
+    times and what they supersede, the stats run), and a second pull adds nothing. A second
+    `--features` with nothing new is a no-op; once another version was pushed to the folder,
+    the first one's features are refused there; a version never pushed is refused."""
+    from saereg.analysis.labels import add_label
+    from saereg.analysis.stats import AnalyzeConfig, store_run
+    from saereg.registry.hub.sync import push_features
+
+    _study("tiny@1")
+    first = push("tiny@1", REPO)
+    add_label("tiny@1", 3, "rail journeys", author="cy")  # a fourth label of feature 3
+    add_label("tiny@1", 9, "colours and paint", author="cy")
+    rows = [{"feature_index": f, "firing_rate": 0.5, "mean_activation": 1.0,
+             "max_activation": 3.0, "flag": None,
+             "histogram": {"log10_low": -4.0, "log10_high": 4.0, "counts": [1]},
+             "top_examples": [], "interval_examples": [], "top_logits": [],
+             "bottom_logits": []} for f in range(64)]
+    store_run(home_version("tiny@1"), AnalyzeConfig(tokens=8192, context_size=32,
+                                                 params={"note": "y"}), 8192, rows)
+    mine = _labels_and_stats("tiny@1")
+
+    result = sh("sync", "push", "tiny@1", "--repo", REPO, "--features")
+    assert result.exit_code == 0, result.output
+    assert "tiny@1: features published at acme/tiny-saes/tiny on main" in result.output
+    again = push_features("tiny@1", REPO)
+    assert again.skipped and result.output.split("commit ")[1].startswith(again.commit[:12])
+    update = again.commit
+    at_tag = hub.files(REPO, "tiny-v1")["tiny/features.parquet"]
+    assert at_tag == hub.files(REPO, first.commit)["tiny/features.parquet"]  # tag unchanged
+    assert hub.files(REPO, update)["tiny/features.parquet"] != at_tag
+    assert (hub.files(REPO, update)["tiny/sae_weights.safetensors"]
+            == hub.files(REPO, "tiny-v1")["tiny/sae_weights.safetensors"])
+
+    push("tiny@2", REPO, path="tiny")  # main's folder now holds version 2
+    with pytest.raises(HubError, match="holds other SAE files than tiny@1 now"):
+        push_features("tiny@1", REPO)
+    with pytest.raises(UsageError, match="tiny@2 was not pushed to acme/tiny-saes/elsewhere"):
+        push_features("tiny@2", REPO, path="elsewhere")
+
+    switch_home(tmp_path / "other-home", mlflow_template, monkeypatch)
+    [old] = pull(f"{REPO}@tiny-v1")
+    assert old.added and old.labels == 4
+    result = sh("sync", "pull", f"{REPO}@{update}")
+    assert result.exit_code == 0, result.output
+    assert ("already in the catalog as tiny@1 (2 new labels, new statistics over 8,192 "
+            "tokens)") in result.output
+    # the 2 new labels, and the 4 of the first pull (through the API, which embeds nothing)
+    assert "embedded 6 labels for search by meaning" in result.output
+    theirs = _labels_and_stats("tiny@1")
+    assert theirs[0] == mine[0]  # whole histories: texts, authors, times, supersedes
+    assert theirs[1] == mine[1] and theirs[2][:3] == mine[2][:3]  # the newest stats run
+    counts = table_counts()
+    [same] = pull(f"{REPO}@{update}")
+    assert not same.added and same.labels == 0 and same.stats_tokens is None
+    assert table_counts() == counts
+
+
+def test_merging_features_finds_the_labels_a_version_has(catalog, tmp_path):
+    """On SQLite and PostgreSQL (whose times come back in the session's zone): merging a
+    version's own exported features adds nothing; a label added to the export after the
+    catalog's newest is recorded once, superseding the catalog's copy of the label it names;
+    a label without a time matches its copy by the rest."""
+    from saereg.analysis.labels import add_label, history
+    from saereg.registry.hub import features as hub_features
+
+    catalog.register_folder(make_sae_folder(tmp_path / "m"), "m")
+    info = catalog.get("m@1")
+    add_label("m@1", 3, "travel and journeys", author="ann")
+    add_label("m@1", 3, "trains and travel", author="bob")
+    with catalog.session() as s:
+        export = hub_features.collect(s, info.id, info.d_sae)
+
+    def merge(e):
+        return catalog.add_feature_data(
+            "m@1", lambda s, vid: hub_features.merge(s, vid, e, source="test"), what="merging")
+
+    assert merge(export).labels == 0
+    export.labels[3].append({**export.labels[3][1], "text": "rail journeys", "created_by": "cy",
+                             "created_at": "2030-01-01T00:00:00+00:00", "supersedes": 1})
+    export.labels[3][0]["created_at"] = None
+    assert merge(export).labels == 1 and merge(export).labels == 0
+    hist = history("m@1", 3)
+    assert [(h.text, h.author) for h in hist] == [("travel and journeys", "ann"),
+                                                 ("trains and travel", "bob"),
+                                                 ("rail journeys", "cy")]
+    assert hist[2].supersedes == hist[1].id
 
 
 def _export():
