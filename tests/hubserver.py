@@ -66,6 +66,7 @@ class HubState:
         self.lfs_objects: dict[str, bytes] = {}
         self.lfs_threshold = lfs_threshold
         self.failures: dict[str, int] = {}
+        self.before: dict[str, list] = {}
         self.requests: list[tuple[str, str]] = []
         self.auth_headers: list[str] = []
         self.substitutes: dict[tuple[str, str], bytes] = {}
@@ -75,6 +76,11 @@ class HubState:
         """Answer the next ``times`` requests to ``route`` (commit, preupload, lfs-batch,
         lfs-upload, tag, resolve, ...) with HTTP 500."""
         self.failures[route] = self.failures.get(route, 0) + times
+
+    def before_next(self, route: str, action) -> None:
+        """Run ``action()`` just before the server answers the next request to ``route`` (for
+        example another client's commit landing between a read and a write)."""
+        self.before.setdefault(route, []).append(action)
 
     def new_commit(self, repo: Repo, parent: str | None, files: dict[str, Blob],
                    branch: str = "main") -> str:
@@ -183,6 +189,9 @@ class Handler(BaseHTTPRequestHandler):
                 if st.failures.get(route):
                     st.failures[route] -= 1
                     raise HubError(500, f"injected failure on {route}")
+                action = st.before[route].pop(0) if st.before.get(route) else None
+            if action is not None:
+                action()
             handler(parts, query, body)
         except HubError as e:
             headers = {"X-Error-Code": e.code} if e.code else {}

@@ -92,7 +92,13 @@ def hub_errors(what: str, repo: str, revision: str | None = None) -> Iterator[No
                        f"{revision or 'main'}") from None
     except hf.HFValidationError as e:
         raise UsageError(f"{what}: {_scrub(e)}") from None
-    except (hf.HfHubHTTPError, hf.OfflineModeIsEnabled) as e:
+    except hf.HfHubHTTPError as e:
+        if getattr(getattr(e, "response", None), "status_code", None) == 412:
+            raise HubError(f"{what} failed: {revision or 'main'} of {repo} moved while it ran "
+                           "(another commit landed first); nothing was changed, run it "
+                           "again") from None
+        raise HubError(f"{what} failed: {_scrub(e)}") from None
+    except hf.OfflineModeIsEnabled as e:
         raise HubError(f"{what} failed: {_scrub(e)}") from None
     except OSError as e:
         raise HubError(f"{what} failed: {_scrub(e)}") from None
@@ -236,7 +242,7 @@ def push_features(ref: str, repo: str, *, path: str | None = None,
         registry.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
         ops = [CommitOperationAdd(prefix + FEATURES_FILE, str(features)),
                CommitOperationAdd(prefix + REGISTRY_FILE, str(registry))]
-        with hub_errors(f"publishing the features of {info.ref} to {repo}", repo),\
+        with hub_errors(f"publishing the features of {info.ref} to {repo}", repo, "main"),\
                 warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*commit a data file.*")
             commit = api.create_commit(repo, ops, parent_commit=head,

@@ -329,6 +329,18 @@ def test_features_published_after_the_push_reach_a_catalog_that_has_the_version(
     assert (hub.files(REPO, update)["tiny/sae_weights.safetensors"]
             == hub.files(REPO, "tiny-v1")["tiny/sae_weights.safetensors"])
 
+    add_label("tiny@1", 9, "paint colours", author="cy")  # main moves before the commit:
+    hub.state.before_next("commit", lambda: hub.state.put_files(REPO, {"NOTES.md": b"x"}))
+    with pytest.raises(HubError, match="main of acme/tiny-saes moved while it ran .another "
+                                       "commit landed first.; nothing was changed, run it again"):
+        push_features("tiny@1", REPO)  # refused by the Hub, nothing of it on main
+    assert hub.files(REPO)["tiny/features.parquet"] == hub.files(REPO, update)[
+        "tiny/features.parquet"]
+    retried = push_features("tiny@1", REPO)  # on the new head
+    assert not retried.skipped and "NOTES.md" in hub.files(REPO, retried.commit)
+    mine = _labels_and_stats("tiny@1")
+    update = retried.commit
+
     push("tiny@2", REPO, path="tiny")  # main's folder now holds version 2
     with pytest.raises(HubError, match="holds other SAE files than tiny@1 now"):
         push_features("tiny@1", REPO)
@@ -340,10 +352,10 @@ def test_features_published_after_the_push_reach_a_catalog_that_has_the_version(
     assert old.added and old.labels == 4
     result = sh("sync", "pull", f"{REPO}@{update}")
     assert result.exit_code == 0, result.output
-    assert ("already in the catalog as tiny@1 (2 new labels, new statistics over 8,192 "
+    assert ("already in the catalog as tiny@1 (3 new labels, new statistics over 8,192 "
             "tokens)") in result.output
-    # the 2 new labels, and the 4 of the first pull (through the API, which embeds nothing)
-    assert "embedded 6 labels for search by meaning" in result.output
+    # the 3 new labels, and the 4 of the first pull (through the API, which embeds nothing)
+    assert "embedded 7 labels for search by meaning" in result.output
     theirs = _labels_and_stats("tiny@1")
     assert theirs[0] == mine[0]  # whole histories: texts, authors, times, supersedes
     assert theirs[1] == mine[1] and theirs[2][:3] == mine[2][:3]  # the newest stats run
