@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -54,7 +55,40 @@ def registry_record(info, files: dict[str, Path]) -> dict[str, Any]:
     }
 
 
+_TEXT_FIELDS = ("name", "tag", "model", "hook", "architecture")
+_INT_FIELDS = ("version", "d_sae")
+_NUMBER_FIELDS = ("l0", "explained_variance")
+
+
+def _entry(value: Any) -> dict[str, Any] | None:
+    """One SAE of the index as read from a card (anyone with write access may have edited it):
+    only the fields the card shows, each of its type (a string of at most 256 printable
+    characters, an integer, a finite number) or None; not an object: None."""
+    if not isinstance(value, dict):
+        return None
+    out: dict[str, Any] = {}
+    for k in _TEXT_FIELDS:
+        v = value.get(k)
+        out[k] = v if isinstance(v, str) and len(v) <= 256 and v.isprintable() else None
+    for k in _INT_FIELDS:
+        v = value.get(k)
+        out[k] = v if isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2 ** 53 \
+            else None
+    for k in _NUMBER_FIELDS:
+        v = value.get(k)
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        out[k] = float(v) if ok else None
+    return out
+
+
 def read_index(readme: str | None) -> dict[str, dict[str, Any]]:
+    """The index of the repo's SAEs kept in its card (path -> fields), or {} without one. What
+    the card holds is checked, not trusted: entries whose path is not a folder name a push
+    would use, or that are not objects, are left out, and fields keep only values of their
+    type (see :func:`_entry`)."""
+    from saereg.registry.errors import UsageError
+    from saereg.registry.refs import validate_repo_path
+
     if not readme:
         return {}
     m = _INDEX_RE.search(readme)
@@ -62,13 +96,31 @@ def read_index(readme: str | None) -> dict[str, dict[str, Any]]:
         return {}
     try:
         data = json.loads(m.group(1))
-    except ValueError:
+    except (ValueError, RecursionError):
         return {}
-    return data if isinstance(data, dict) else {}
+    out = {}
+    for path, value in (data.items() if isinstance(data, dict) else ()):
+        try:
+            ok = isinstance(path, str) and validate_repo_path(path) == path
+        except UsageError:
+            ok = False
+        entry = _entry(value) if ok else None
+        if entry is not None:
+            out[path] = entry
+    return out
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
     return "-" if value is None else f"{float(value):.{digits}f}"
+
+
+def _cell(value: Any) -> str:
+    """A table cell: one line, pipes escaped, no HTML (the Hub renders the card); None: -."""
+    if value is None:
+        return "-"
+    text = " ".join(str(value).split())
+    return (text.replace("\\", "\\\\").replace("|", "\\|").replace("<", "&lt;")
+            .replace(">", "&gt;"))
 
 
 def render_card(repo: str, index: dict[str, dict[str, Any]], old: str | None = None) -> str:
@@ -92,11 +144,15 @@ def render_card(repo: str, index: dict[str, dict[str, Any]], old: str | None = N
              "|---|---|---|---|---|---|---|---|---|---|"]
     for path in sorted(index):
         e = index[path]
-        lines.append(f"| {path or '.'} | {e.get('name')} | {e.get('version')} | {e.get('tag')} "
-                     f"| {e.get('model')} | {e.get('hook')} | {e.get('architecture')} | "
-                     f"{e.get('d_sae')} | {_fmt(e.get('l0'), 1)} | "
+        cells = [path or ".", *(e.get(k) for k in ("name", "version", "tag", "model", "hook",
+                                                   "architecture", "d_sae"))]
+        lines.append("| " + " | ".join(_cell(c) for c in cells) + f" | {_fmt(e.get('l0'), 1)} | "
                      f"{_fmt(e.get('explained_variance'))} |")
-    lines += ["", "<!-- saereg-index", json.dumps(index, sort_keys=True), "-->", ""]
+    # in JSON '<' and '>' occur only inside strings, where \u003c and \u003e read back the same;
+    # so no value can close the comment
+    index_json = (json.dumps(index, sort_keys=True).replace("<", "\\u003c")
+                  .replace(">", "\\u003e"))
+    lines += ["", "<!-- saereg-index", index_json, "-->", ""]
     tail = ""
     if old and "<!-- saereg-end -->" in old:
         tail = old.split("<!-- saereg-end -->", 1)[1]
