@@ -8,8 +8,8 @@ themselves, the rest (space, control bytes, 0x7F-0xA0, 0xAD) to U+0100-U+0143, s
 SentencePiece writes a space as ``▁`` (U+2581) and keeps other characters as they are. The
 display form reads a byte-level token back as the UTF-8 text of its bytes (a token that holds
 part of a character shows the bytes it has as ``\\xe2\\x80``), puts SentencePiece's space
-back, and writes control characters as visible escapes (``\\n``, ``\\t``, ``\\r``), so a token
-stays on one line.
+back, and writes control characters as visible escapes (``\\n``, ``\\t``, ``\\r``, the others as
+``\\x1b``), so a token stays on one line and cannot steer a terminal.
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ def _byte_alphabet() -> dict[str, int]:
 
 _BYTE_OF = _byte_alphabet()
 _STAND_INS = {c for c, b in _BYTE_OF.items() if ord(c) >= 0x100}  # U+0100-U+0143
-_ESCAPES = str.maketrans({"\u2581": " ", "\n": "\\n", "\t": "\\t", "\r": "\\r"})
+_ESCAPES = str.maketrans({**{chr(c): f"\\x{c:02x}" for c in (*range(32), *range(127, 160))},
+                          "\u2581": " ", "\n": "\\n", "\t": "\\t", "\r": "\\r"})
 
 
 def _from_bytes(token: str) -> str | None:

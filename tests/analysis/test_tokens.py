@@ -21,6 +21,7 @@ def test_display_token():
     assert display_token("\u010a\u010a") == "\\n\\n"       # byte-level newline
     assert display_token("\u0109x\u010d") == "\\tx\\r"     # byte-level tab, carriage return
     assert display_token("a\nb\tc") == "a\\nb\\tc"         # raw control characters
+    assert display_token("a\x06b\x1b[31m\x85") == "a\\x06b\\x1b[31m\\x85"  # no terminal escapes
     assert display_token("plain") == "plain"
     assert display_token("") == ""
 
