@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
@@ -134,7 +135,9 @@ def label_llm(ref: str, indices: list[int], *, cfg: LLMConfig | None = None,
         st = rows[i]
         if not st.top_examples:
             continue
-        text = chat(cfg, explain_prompt_text(st.top_examples, st.top_logits)).splitlines()[0]
+        answer = chat(cfg, explain_prompt_text(st.top_examples, st.top_logits))
+        # its first line, without the control characters a label may not hold
+        text = re.sub(r"[\x00-\x1f\x7f-\x9f]", "", (answer.splitlines() or [""])[0])
         mine = {e["window"] for e in st.top_examples}
         negatives = [e for j, r in sorted(rows.items()) if j != i
                      for e in r.top_examples[:1] if e["window"] not in mine]

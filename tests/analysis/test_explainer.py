@@ -45,7 +45,7 @@ class Handler(BaseHTTPRequestHandler):
                                for t in texts)
         else:
             peak = prompt.split("<<", 1)[1].split(">>", 1)[0]
-            answer = f"marks {peak}"
+            answer = f"marks {peak}\x07"  # a bell the stored label leaves out
         out = json.dumps({"choices": [{"message": {"role": "assistant", "content": answer}}]})
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
