@@ -271,9 +271,11 @@ def _current(conn, wanted: dict[int, set[int]]) -> dict[tuple[int, int], tuple]:
     """The current label (id, text, method, status) of each (version id, feature index)."""
     from saereg.registry.catalog.feature_schema import current_label
 
+    # no ORDER BY: SQLite would read the (version_id, id) index for it, every label of the
+    # version, where (version_id, feature_index) finds the few asked for; sorted here instead
     stmt = text("SELECT id, feature_index, text, method, status FROM feature_labels "
-                "WHERE version_id = :v AND feature_index IN :ix AND status <> 'rejected' "
-                "ORDER BY id").bindparams(bindparam("ix", expanding=True))
+                "WHERE version_id = :v AND feature_index IN :ix AND status <> 'rejected'"
+                ).bindparams(bindparam("ix", expanding=True))
     out = {}
     for vid, indices in wanted.items():
         ordered = sorted(indices)
@@ -282,7 +284,7 @@ def _current(conn, wanted: dict[int, set[int]]) -> dict[tuple[int, int], tuple]:
             for r in conn.execute(stmt, {"v": vid, "ix": ordered[start:start + _CHUNK]}):
                 by_index.setdefault(r[1], []).append(r)
         for i, rows in by_index.items():
-            out[(vid, i)] = current_label(rows, lambda r: r[4])
+            out[(vid, i)] = current_label(sorted(rows, key=lambda r: r[0]), lambda r: r[4])
     return out
 
 
