@@ -230,8 +230,9 @@ def push_features(ref: str, repo: str, *, path: str | None = None,
         record = verify.read_record(Path(local), f"{where} at {head[:12]}")
         theirs, mine = record["files"], {f.name: f.sha256 for f in info.files}
         if any(theirs.get(f, {}).get("sha256") != mine.get(f) for f in SAE_FILES if f in mine):
-            raise HubError(f"{where} on main holds other SAE files than {info.ref} now (a later "
-                           "version pushed there?); refusing to put its features there")
+            held = _named_version(record) or "another SAE"
+            raise HubError(f"{where} on main holds other SAE files than {info.ref} now ({held}, "
+                           "by its registry.json); refusing to put its features there")
         features = Path(tmp) / FEATURES_FILE
         hub_features.write(features, _feature_export(cat, info))
         sha = sha256_file(features)
@@ -249,6 +250,19 @@ def push_features(ref: str, repo: str, *, path: str | None = None,
                                        commit_message=f"Update the features of {info.ref} at "
                                                       f"{path or '.'}").oid
     return Publication(info.ref, repo, path, "main", commit)
+
+
+def _named_version(record: dict) -> str | None:
+    """NAME@N from a registry.json read from the Hub, when its name and version are valid."""
+    from saereg.registry.refs import validate_name
+
+    name, number = record.get("name"), record.get("version")
+    try:
+        ok = isinstance(number, int) and not isinstance(number, bool) and number > 0 and \
+            isinstance(name, str) and validate_name(name) == name
+    except UsageError:
+        ok = False
+    return f"{name}@{number}" if ok else None
 
 
 def _check_same(api, repo: str, path: str, commit: str, record: dict, tag: str) -> None:

@@ -342,7 +342,7 @@ def test_features_published_after_the_push_reach_a_catalog_that_has_the_version(
     update = retried.commit
 
     push("tiny@2", REPO, path="tiny")  # main's folder now holds version 2
-    with pytest.raises(HubError, match="holds other SAE files than tiny@1 now"):
+    with pytest.raises(HubError, match=r"holds other SAE files than tiny@1 now \(tiny@2, by "):
         push_features("tiny@1", REPO)
     with pytest.raises(UsageError, match="tiny@2 was not pushed to acme/tiny-saes/elsewhere"):
         push_features("tiny@2", REPO, path="elsewhere")
