@@ -55,7 +55,7 @@ def _int(value: Any, what: str, *, low: int = 0, high: int = 2 ** 31 - 1,
     if value is None and optional:
         return
     if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
-        _fail(what, f"must be an integer in {low}..{high}, not {value!r}")
+        _fail(what, f"must be an integer in {low}..{high}, not {value!r:.60}")
 
 
 def _str(value: Any, what: str, *, most: int, optional: bool = False) -> None:
@@ -71,6 +71,11 @@ def _list(value: Any, what: str) -> list:
     if not isinstance(value, list):
         _fail(what, f"must be a list, not {type(value).__name__}")
     return value
+
+
+def _or_empty(value: Any) -> Any:
+    """A null JSON field as the catalog's default, an empty list; anything else as it is."""
+    return [] if value is None else value
 
 
 def _dict(value: Any, what: str, keys: tuple[str, ...]) -> dict:
@@ -117,28 +122,32 @@ def _logits(value: Any, what: str) -> None:
 
 
 def _stats_row(r: dict[str, Any], where: str) -> None:
-    _num(r["firing_rate"], f"{where}: firing_rate", low=0.0, high=1.0)
-    _num(r["mean_activation"], f"{where}: mean_activation")
-    _num(r["max_activation"], f"{where}: max_activation")
+    """One latent's statistics; a null field is kept as the catalog's default (0, {}, [])."""
+    _num(r["firing_rate"], f"{where}: firing_rate", low=0.0, high=1.0, optional=True)
+    _num(r["mean_activation"], f"{where}: mean_activation", optional=True)
+    _num(r["max_activation"], f"{where}: max_activation", optional=True)
     if r["flag"] not in (None, "dead", "dense"):
         _fail(f"{where}: flag", f"must be 'dead', 'dense' or null, not {r['flag']!r:.40}")
-    hist = _dict(r["histogram"], f"{where}: histogram", ("log10_low", "log10_high", "counts"))
-    _num(hist["log10_low"], f"{where}: histogram log10_low")
-    _num(hist["log10_high"], f"{where}: histogram log10_high")
-    if not hist["log10_low"] < hist["log10_high"]:
-        _fail(f"{where}: histogram", "must have log10_low below log10_high")
-    for c in _list(hist["counts"], f"{where}: histogram counts"):
-        _int(c, f"{where}: a histogram count", high=2 ** 62)
-    for j, ex in enumerate(_list(r["top_examples"], f"{where}: top_examples")):
+    if r["histogram"] is not None:
+        hist = _dict(r["histogram"], f"{where}: histogram",
+                     ("log10_low", "log10_high", "counts"))
+        _num(hist["log10_low"], f"{where}: histogram log10_low")
+        _num(hist["log10_high"], f"{where}: histogram log10_high")
+        if not hist["log10_low"] < hist["log10_high"]:
+            _fail(f"{where}: histogram", "must have log10_low below log10_high")
+        for c in _list(hist["counts"], f"{where}: histogram counts"):
+            _int(c, f"{where}: a histogram count", high=2 ** 62)
+    for j, ex in enumerate(_list(_or_empty(r["top_examples"]), f"{where}: top_examples")):
         _example(ex, f"{where}: top example {j}")
-    for j, iv in enumerate(_list(r["interval_examples"], f"{where}: interval_examples")):
+    intervals = _list(_or_empty(r["interval_examples"]), f"{where}: interval_examples")
+    for j, iv in enumerate(intervals):
         iv = _dict(iv, f"{where}: interval {j}", ("low", "high", "examples"))
         _num(iv["low"], f"{where}: interval {j} low")
         _num(iv["high"], f"{where}: interval {j} high")
         for m, ex in enumerate(_list(iv["examples"], f"{where}: interval {j} examples")):
             _example(ex, f"{where}: interval {j} example {m}")
-    _logits(r["top_logits"], f"{where}: top_logits")
-    _logits(r["bottom_logits"], f"{where}: bottom_logits")
+    _logits(_or_empty(r["top_logits"]), f"{where}: top_logits")
+    _logits(_or_empty(r["bottom_logits"]), f"{where}: bottom_logits")
 
 
 def _time(value: Any, what: str) -> None:

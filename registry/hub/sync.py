@@ -9,7 +9,8 @@ upload leaves nothing recorded and a retry completes it (the Hub skips unchanged
 :func:`push_features` later replaces a pushed folder's features.parquet on main (labels and
 statistics added since; the tag and SAE files stay). A pull records each new version with its
 features, labels, statistics and pull record in one catalog transaction; for a version the
-catalog has, it adds the labels and stats runs the file holds that the catalog lacks. This module writes no catalog rows itself: it calls the public methods of
+catalog has, it adds the labels and stats runs the file holds that the catalog lacks. This
+module writes no catalog rows itself: it calls the public methods of
 :class:`saereg.registry.catalog.writes.Catalog`.
 
 Nothing remote is trusted further than :mod:`saereg.registry.hub.verify` checks it: a pull

@@ -274,6 +274,8 @@ BAD_FEATURES = {
               "feature 6: top example 0: a token must be a string, not int"),
     "example": (_set("stats.6.top_examples", [["a", "b"]]),
                 "feature 6: top example 0 must be an object, not list"),
+    "examples-not-a-list": (_set("stats.6.top_examples", 0),
+                            "feature 6: top_examples must be a list, not int"),
     "histogram": (_set("stats.1.histogram", {"counts": [1]}),
                   "feature 1: histogram lacks 'log10_low', 'log10_high'"),
     "logits": (_set("stats.1.top_logits", [["tok"]]),
@@ -437,6 +439,10 @@ def test_a_good_features_file_reads_back_whole(tmp_path):
     back = hub_features.read(path, 12)
     assert back.stats == _export().stats and back.labels == _export().labels
     assert back.log10_rates[11] == float("-inf")
+    partial = _export()  # null fields of a statistics row stand for the catalog's defaults
+    partial.stats[2].update(histogram=None, top_examples=None, mean_activation=None)
+    hub_features.write(path, partial)
+    assert hub_features.read(path, 12).stats[2]["histogram"] is None
 
 
 @pytest.mark.parametrize("case", sorted(BAD_FEATURES))
