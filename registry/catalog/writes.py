@@ -412,9 +412,11 @@ class Catalog:
         """Run ``change(session, version_id)`` for version ``ref`` as one write transaction,
         retried whole while the database is busy: statistics and labels that arrive for a
         version already recorded (a pull's features.parquet). ``change`` writes feature-catalog
-        rows only; the version itself does not change."""
+        rows only; the version itself does not change. The SAE's row is locked first, so two
+        such changes of one SAE (two pulls at once) run one after the other and the second
+        sees what the first added."""
         def attempt(s: Session, _mlflow: MirrorChanges) -> T:
-            return change(s, queries.find_version(s, ref).id)
+            return change(s, queries.find_version(s, ref, lock_sae=True).id)
 
         return self._write(what, attempt)
 
