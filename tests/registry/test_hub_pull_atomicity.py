@@ -2,7 +2,8 @@
 
 A real `saereg sync pull` killed (SIGKILL) while the database is writing its pull record leaves
 no version without that record (nor any version), and the next pull completes it: the version,
-its pull record and nothing twice. A catalog that already holds a pulled version without its
+its pull record and nothing twice. Two pulls at once of labels added upstream to a version the
+catalog has add each label once (PostgreSQL). A catalog that already holds a pulled version without its
 pull record (as an interrupted pull of an older release left it) gets the record on the next
 pull, and no second version. hub/sync.py writes no rows itself: it imports no ORM or SQL write
 machinery and calls no private Catalog method."""
@@ -154,6 +155,69 @@ def test_repull_records_a_missing_pull_record(hub, catalog, backend, mlflow_stor
     assert table_counts() == {**counts, "publications": 1}
     [third] = pull(REPO)
     assert not third.added and table_counts() == {**counts, "publications": 1}
+
+
+def _features(d_sae: int, texts: list[tuple[int, str]]) -> bytes:
+    """features.parquet with one label per ``(feature, text)``, written by the exporter."""
+    import tempfile
+
+    from saereg.registry.hub import features as hub_features
+
+    labels: list[list[dict]] = [[] for _ in range(d_sae)]
+    for j, (i, t) in enumerate(texts):
+        labels[i].append({"text": t, "method": "human", "model": None, "status": "candidate",
+                          "detection_score": None, "created_by": "ann", "supersedes": None,
+                          "created_at": f"2026-01-01T00:00:{j:02d}+00:00"})
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "features.parquet"
+        hub_features.write(path, hub_features.FeatureExport(d_sae, [None] * d_sae,
+                                                            labels=labels))
+        return path.read_bytes()
+
+
+def test_two_pulls_at_once_add_new_labels_once(hub, catalog, backend, mlflow_store,  # noqa: F811
+                                               tmp_path):
+    """PostgreSQL: two `saereg sync pull` processes bring the labels added upstream to a version
+    the catalog has. The first holds its transaction open (a trigger sleeps in its label
+    INSERT) while the second starts; the second waits for it, then finds the labels there and
+    adds none. (SQLite runs one writer at a time by itself.)"""
+    import pytest
+
+    from saereg.registry.catalog.feature_schema import FeatureLabel
+    from saereg.registry.hub.sync import pull
+
+    if backend != "postgresql":
+        pytest.skip("SQLite serialises writers itself")
+    upload(hub, tmp_path, d_sae=64)
+    old = [(1, "travel"), (2, "rivers")]
+    hub.state.put_files(REPO, {f"{FOLDER}/features.parquet": _features(64, old)})
+    [first] = pull(REPO)
+    assert first.added and first.labels == 2
+    hub.state.put_files(REPO, {f"{FOLDER}/features.parquet": _features(
+        64, old + [(3, "music"), (1, "journeys")])})
+    with db.get_engine().begin() as conn:
+        conn.execute(text("CREATE OR REPLACE FUNCTION stall_labels() RETURNS trigger AS $$ "
+                          "BEGIN PERFORM pg_sleep(8); RETURN NULL; END $$ LANGUAGE plpgsql"))
+        conn.execute(text("CREATE TRIGGER stall_labels BEFORE INSERT ON feature_labels FOR EACH "
+                          "STATEMENT EXECUTE FUNCTION stall_labels()"))
+    try:
+        one = saereg("sync", "pull", REPO)
+        deadline = time.time() + 120
+        while time.time() < deadline and not pg_sleeping() and one.poll() is None:
+            time.sleep(0.1)
+        assert pg_sleeping(), one.communicate()
+        two = saereg("sync", "pull", REPO)  # starts while the first sleeps in its INSERT
+        outs = [p.communicate(timeout=300) for p in (one, two)]
+    finally:
+        with db.get_engine().begin() as conn:
+            conn.execute(text("DROP TRIGGER IF EXISTS stall_labels ON feature_labels"))
+            conn.execute(text("DROP FUNCTION IF EXISTS stall_labels()"))
+    assert [p.returncode for p in (one, two)] == [0, 0], outs
+    said = sorted(out for out, _ in outs)
+    assert "(2 new labels)" in said[0] + said[1] and sum("new labels" in o for o in said) == 1
+    with db.session() as s:
+        rows = sorted(s.execute(select(FeatureLabel.feature_index, FeatureLabel.text)).tuples())
+    assert rows == [(1, "journeys"), (1, "travel"), (2, "rivers"), (3, "music")]
 
 
 def test_sync_writes_no_rows_itself():
