@@ -19,7 +19,8 @@ import sys
 import time
 from pathlib import Path
 
-from catalog_helpers import make_sae_folder, table_counts
+import pytest
+from catalog_helpers import BACKENDS, make_sae_folder, table_counts
 from sqlalchemy import select, text
 from test_hub import hub  # noqa: F401 - the hub server fixture
 
@@ -175,19 +176,16 @@ def _features(d_sae: int, texts: list[tuple[int, str]]) -> bytes:
         return path.read_bytes()
 
 
+@pytest.mark.parametrize("backend", BACKENDS[1:], indirect=True)  # PostgreSQL only
 def test_two_pulls_at_once_add_new_labels_once(hub, catalog, backend, mlflow_store,  # noqa: F811
                                                tmp_path):
     """PostgreSQL: two `saereg sync pull` processes bring the labels added upstream to a version
     the catalog has. The first holds its transaction open (a trigger sleeps in its label
     INSERT) while the second starts; the second waits for it, then finds the labels there and
     adds none. (SQLite runs one writer at a time by itself.)"""
-    import pytest
-
     from saereg.registry.catalog.feature_schema import FeatureLabel
     from saereg.registry.hub.sync import pull
 
-    if backend != "postgresql":
-        pytest.skip("SQLite serialises writers itself")
     upload(hub, tmp_path, d_sae=64)
     old = [(1, "travel"), (2, "rivers")]
     hub.state.put_files(REPO, {f"{FOLDER}/features.parquet": _features(64, old)})
