@@ -50,7 +50,7 @@ def neighbors(ref, index: int, *, other: str | None = None, k: int = 10,
     server computes them from its loaded SAE rather than write on a page view)."""
     import torch
 
-    from saereg.analysis.search import current_labels
+    from saereg.analysis.current import current_labels
     from saereg.analysis.stats import check_index
     from saereg.registry.api import get_version, load_sae
     from saereg.training.lm_load import model_ref

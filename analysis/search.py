@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 from sqlalchemy import text
 
+from saereg.analysis.current import current_rows_of
 from saereg.registry.catalog import db
 from saereg.registry.errors import ConfigError, UsageError
 from saereg.registry.models import in_clause, model_ids
@@ -400,7 +401,7 @@ def _hits(rows: list[tuple], conn) -> list[SearchHit]:
     wanted: dict[int, set[int]] = {}
     for r in rows:
         wanted.setdefault(r[1], set()).add(r[2])
-    current = _current_rows_of(wanted, None, conn)
+    current = current_rows_of(wanted, None, conn)
     hits = []
     for r in rows:
         lab = current.get((r[1], r[2]))  # None only if rejected since the search: keep the match
@@ -409,84 +410,3 @@ def _hits(rows: list[tuple], conn) -> list[SearchHit]:
         hits.append(SearchHit(f"{r[7]}@{r[8]}", r[2], label, method, status, r[6], 0.0 - r[9],
                               matched=None if lab is None or lab.id == r[0] else r[3]))
     return hits
-
-
-@dataclass(frozen=True)
-class TokenFeatures:
-    token: str
-    position: int
-    features: list[tuple[int, float, str | None]]  # (index, activation, current label)
-
-
-def explain_prompt(prompt: str, ref: str, *, top: int = 5,
-                   database_url: str | None = None) -> list[TokenFeatures]:
-    """The ``top`` features per token of ``prompt`` with their current labels."""
-    import torch
-
-    from saereg.analysis.lm import load_model
-    from saereg.registry.api import get_version, load_sae
-    from saereg.training.lm import ActivationCapture
-
-    if not prompt or not prompt.strip():
-        raise UsageError("explain-prompt needs a non-empty prompt")
-    info = get_version(ref, database_url=database_url)
-    lm = load_model(info.model)
-    ids = lm.tokenizer(prompt, return_tensors="pt")["input_ids"]
-    if ids.shape[1] > lm.context_limit:
-        raise UsageError(f"the prompt is {ids.shape[1]} tokens, longer than the model's context "
-                         f"({lm.context_limit})")
-    sae = load_sae(info.ref, database_url=database_url)
-    with torch.no_grad():
-        acts = sae.encode(ActivationCapture(lm, [info.hook])(ids)[info.hook])[0]
-    vals, idx = acts.topk(min(top, acts.shape[-1]), dim=-1)
-    labels = current_labels(info.id, sorted(set(idx[vals > 0].tolist())), database_url)
-    out = []
-    for pos, tok in enumerate(lm.tokenizer.convert_ids_to_tokens(ids[0].tolist())):
-        feats = [(int(i), float(v), labels.get(int(i))) for v, i in zip(vals[pos], idx[pos])
-                 if v > 0]
-        out.append(TokenFeatures(tok, pos, feats))
-    return out
-
-
-def current_labels(version_id: int, indices: list[int],
-                   database_url: str | None = None) -> dict[int, str]:
-    """Current label text per feature index (newest accepted, else newest candidate)."""
-    return {i: lab.text for i, lab in _current_rows(version_id, indices, database_url).items()}
-
-
-def _current_rows(version_id: int, indices: list[int], database_url: str | None):
-    """The current label row (id, feature_index, text, method, status) per feature index of
-    ``indices`` that has one."""
-    found = _current_rows_of({version_id: set(indices)}, database_url)
-    return {i: lab for (_, i), lab in found.items()}
-
-
-def _current_rows_of(wanted: dict[int, set[int]], database_url: str | None,
-                     conn=None) -> dict:
-    """The current label row (id, feature_index, text, method, status) per (version id,
-    feature index) of ``wanted`` (feature indices per version) that has one, in one query
-    (on the connection ``conn`` when given)."""
-    from sqlalchemy import and_, or_, select
-
-    from saereg.registry.catalog.feature_schema import FeatureLabel, current_label
-
-    wanted = {v: indices for v, indices in wanted.items() if indices}
-    if not wanted:
-        return {}
-    stmt = (select(FeatureLabel.id, FeatureLabel.version_id, FeatureLabel.feature_index,
-                   FeatureLabel.text, FeatureLabel.method, FeatureLabel.status)
-            .where(or_(*(and_(FeatureLabel.version_id == v,
-                              FeatureLabel.feature_index.in_(sorted(indices)))
-                         for v, indices in wanted.items())),
-                   FeatureLabel.status != "rejected"))
-    if conn is not None:
-        rows = conn.execute(stmt).all()
-    else:
-        with db.session(database_url) as s:
-            rows = s.execute(stmt).all()
-    by_feature: dict[tuple[int, int], list] = {}
-    # oldest first, sorted here: ORDER BY id can make SQLite read whole versions through the
-    # (version_id, id) index instead of looking the features up
-    for row in sorted(rows, key=lambda r: r.id):
-        by_feature.setdefault((row.version_id, row.feature_index), []).append(row)
-    return {key: current_label(h, lambda r: r.status) for key, h in by_feature.items()}

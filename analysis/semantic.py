@@ -27,6 +27,7 @@ from dataclasses import dataclass, replace
 
 from sqlalchemy import bindparam, text
 
+from saereg.analysis.current import current_rows_of
 from saereg.analysis.embed import EMBED_DIM, EMBED_MODEL, embed, one_thread
 from saereg.analysis.search import SearchHit, rate_bounds, search_labels
 from saereg.registry.catalog import db
@@ -267,39 +268,19 @@ def _top_each(conn, blocks: list[tuple[int, _Block]], q, limit: int, min_rate,
     return out
 
 
-def _current(conn, wanted: dict[int, set[int]]) -> dict[tuple[int, int], tuple]:
-    """The current label (id, text, method, status) of each (version id, feature index)."""
-    from saereg.registry.catalog.feature_schema import current_label
-
-    # no ORDER BY: SQLite would read the (version_id, id) index for it, every label of the
-    # version, where (version_id, feature_index) finds the few asked for; sorted here instead
-    stmt = text("SELECT id, feature_index, text, method, status FROM feature_labels "
-                "WHERE version_id = :v AND feature_index IN :ix AND status <> 'rejected'"
-                ).bindparams(bindparam("ix", expanding=True))
-    out = {}
-    for vid, indices in wanted.items():
-        ordered = sorted(indices)
-        by_index: dict[int, list] = {}
-        for start in range(0, len(ordered), _CHUNK):
-            for r in conn.execute(stmt, {"v": vid, "ix": ordered[start:start + _CHUNK]}):
-                by_index.setdefault(r[1], []).append(r)
-        for i, rows in by_index.items():
-            out[(vid, i)] = current_label(sorted(rows, key=lambda r: r[0]), lambda r: r[4])
-    return out
-
-
 def _hits(conn, found: list, versions: dict) -> list[SearchHit]:
     wanted: dict[int, set[int]] = {}
     for f in found:
         wanted.setdefault(f[2], set()).add(f[3])
-    current = _current(conn, wanted)
+    current = current_rows_of(wanted, None, conn)
     hits = []
     for score, lid, vid, i, matched, method, status, rate in found:
         cur = current.get((vid, i))  # None only if rejected since: keep the match
         name, number, _ = versions[vid]
-        label, method, status = (matched, method, status) if cur is None else cur[2:5]
+        label, method, status = (matched, method, status) if cur is None else (
+            cur.text, cur.method, cur.status)
         hits.append(SearchHit(f"{name}@{number}", i, label, method, status, rate, score,
-                              matched=None if cur is not None and cur[0] == lid else matched))
+                              matched=None if cur is not None and cur.id == lid else matched))
     return hits
 
 

@@ -91,7 +91,7 @@ def _overview(s, info, database_url) -> dict[str, Any]:
     """The version's latest stats run: its summary and the most often firing live features."""
     from sqlalchemy import func
 
-    from saereg.analysis.search import current_labels
+    from saereg.analysis.current import current_labels
     from saereg.analysis.stats import latest_run_id
     from saereg.registry.catalog.feature_schema import FeatureStats, StatsRun
 

@@ -100,7 +100,7 @@ def prompt_tokens(models: WarmModels, info, text: str, *, feature: int | None,
     ``[index, activation, current label]``."""
     import torch
 
-    from saereg.analysis.search import current_labels
+    from saereg.analysis.current import current_labels
     from saereg.analysis.stats import check_index
     from saereg.analysis.tokens import display_token
     from saereg.training.lm import ActivationCapture, special_token_mask

@@ -208,7 +208,7 @@ def labels_embed(ref):
 @click.option("--top", default=5, show_default=True, type=int)
 def explain_prompt(prompt, ref, top):
     """The top features of an SAE on each token of PROMPT, with their labels."""
-    from saereg.analysis.search import explain_prompt as explain
+    from saereg.analysis.prompt import explain_prompt as explain
     from saereg.analysis.tokens import display_token
 
     for tf in explain(prompt, ref, top=top):

@@ -41,7 +41,9 @@ def sync_push(ref: str, repo: str, path: str | None, private: bool, all_versions
         if all_versions or private:
             raise UsageError("--features updates one published version; it takes neither "
                              "--all nor --private")
-        p = hub.push_features(ref, repo, path=path)
+        from saereg.registry.hub.features_push import push_features
+
+        p = push_features(ref, repo, path=path)
         state = "features already up to date" if p.skipped else "features published"
         click.echo(f"{p.ref}: {state} at {p.repo}/{p.path or '.'} on main "
                    f"(commit {p.commit[:12]})")

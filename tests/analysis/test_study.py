@@ -14,7 +14,7 @@ from sqlalchemy import func, select
 
 from saereg.analysis.labels import add_label
 from saereg.analysis.neighbors import evaluate, neighbors
-from saereg.analysis.search import explain_prompt
+from saereg.analysis.prompt import explain_prompt
 from saereg.commands.main import cli
 from saereg.registry.catalog import db
 from saereg.registry.catalog.feature_schema import FeatureNeighbor, VersionEval

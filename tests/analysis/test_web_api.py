@@ -249,7 +249,7 @@ def test_bad_references_and_indices_are_one_line_errors(web):
 
 
 def test_prompt_streams_each_token_with_its_features(web):
-    from saereg.analysis.search import explain_prompt
+    from saereg.analysis.prompt import explain_prompt
 
     c, ref, text = web.client, web.ref, "def parse(value):\n    return value"
     r = c.post(f"/api/sae/{ref}/prompt", json={"text": text, "feature": web.labelled, "top": 3})

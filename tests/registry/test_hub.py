@@ -304,7 +304,7 @@ def test_features_published_after_the_push_reach_a_catalog_that_has_the_version(
     the first one's features are refused there; a version never pushed is refused."""
     from saereg.analysis.labels import add_label
     from saereg.analysis.stats import AnalyzeConfig, store_run
-    from saereg.registry.hub.sync import push_features
+    from saereg.registry.hub.features_push import push_features
 
     _study("tiny@1")
     first = push("tiny@1", REPO)

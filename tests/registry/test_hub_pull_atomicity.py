@@ -5,8 +5,8 @@ no version without that record (nor any version), and the next pull completes it
 its pull record and nothing twice. Two pulls at once of labels added upstream to a version the
 catalog has add each label once (PostgreSQL). A catalog that already holds a pulled version without its
 pull record (as an interrupted pull of an older release left it) gets the record on the next
-pull, and no second version. hub/sync.py writes no rows itself: it imports no ORM or SQL write
-machinery and calls no private Catalog method."""
+pull, and no second version. hub/sync.py and hub/features_push.py write no rows themselves: they
+import no ORM or SQL write machinery and call no private Catalog method."""
 
 from __future__ import annotations
 
@@ -218,9 +218,11 @@ def test_two_pulls_at_once_add_new_labels_once(hub, catalog, backend, mlflow_sto
     assert rows == [(1, "journeys"), (1, "travel"), (2, "rivers"), (3, "music")]
 
 
-def test_sync_writes_no_rows_itself():
-    from saereg.registry.hub import sync
+@pytest.mark.parametrize("module", ["sync", "features_push"])
+def test_sync_writes_no_rows_itself(module):
+    import importlib
 
+    sync = importlib.import_module(f"saereg.registry.hub.{module}")
     tree = ast.parse(Path(sync.__file__).read_text(encoding="utf-8"))
     imported = {}
     for node in ast.walk(tree):
