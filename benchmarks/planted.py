@@ -22,6 +22,7 @@ which latents fire from the cost of their magnitudes.
 from __future__ import annotations
 
 import argparse
+import ast
 import os
 import tempfile
 import time
@@ -44,6 +45,9 @@ def main() -> None:
     ap.add_argument("--arch", default=",".join(ARCHS))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                    help="an SAETrainConfig field for every SAE (repeatable), e.g. "
+                         "--set preact_coefficient=0")
     args = ap.parse_args()
 
     import torch
@@ -61,7 +65,14 @@ def main() -> None:
     planted = PlantedFeatures(n_features=args.features, d=args.d, seed=args.seed)
     cache = write_planted_cache(planted, work / "cache", args.samples)
     targets = [float(t) for t in args.target.split(",")]
-    saes = [SAETrainConfig(hook=HOOK, architecture=a, **(
+    extra = {}
+    for item in args.set:
+        name, _, value = item.partition("=")
+        try:
+            extra[name] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            extra[name] = value
+    saes = [SAETrainConfig(hook=HOOK, architecture=a, **extra, **(
         {"k": round(t)} if a in K_ARCHITECTURES else {"target_l0": t}))
         for a in args.arch.split(",") for t in targets]
     cfg = TrainConfig(model="planted-features", saes=saes, tokens=args.tokens,

@@ -29,6 +29,8 @@ SPARSITY_ARCHITECTURES = ("relu", "jumprelu", "gated")
 """The architectures whose sparsity a coefficient (or target_l0) sets; the others take k."""
 DEFAULT_SPARSITY = {"relu": 5.0, "gated": 5.0, "jumprelu": 1.0}
 """Sparsity coefficients when none is given, in the units of the normalised inputs."""
+DEFAULT_PREACT = {"jumprelu": 1e-3}
+"""Pre-activation loss weights when none is given (see SAETrainConfig.preact_coefficient)."""
 DEFAULT_DEAD_TOKENS = 1_000_000
 LM_DTYPES = ("float32", "bfloat16", "float16")
 """The dtypes a language model is loaded in (names of saereg.registry.sae.modules.DTYPES)."""
@@ -58,7 +60,9 @@ def _positive(cfg: Any, *names: str) -> None:
     for name in names:
         value = getattr(cfg, name)
         if value is not None and not value > 0:
-            what = "at least 1" if isinstance(value, int) else "positive"
+            # by the field's declared type: 0 given for a float field is still a float field
+            declared = str(cfg.__dataclass_fields__[name].type)
+            what = "positive" if "float" in declared else "at least 1"
             raise ConfigError(f"{name} must be {what}; got {value}", field=name)
 
 
@@ -127,6 +131,19 @@ class SAETrainConfig:
     dead latents too)."""
     ghost_grads: bool = False
     """Ghost grads for dead latents (relu only)."""
+    preact_coefficient: float | None = None
+    """Weight of the pre-activation loss of relu, jumprelu and gated SAEs: c * sum_i
+    relu(t_i - h_i) ||W_dec,i|| over the latents, averaged over tokens, where h_i is latent
+    i's pre-activation (the gate's, for gated) and t_i its threshold (0 for relu and gated).
+    It lifts the pre-activations of latents that do not fire toward their threshold, so a
+    latent that stopped firing is pulled back (Anthropic, January 2025); Adam's scaling
+    makes a small weight enough for a latent with no other gradient (unset: 1e-3 for
+    jumprelu, 0 for relu and gated; 0 turns it off)."""
+    bias_lr: float | None = None
+    """Adam learning rate of the encoder biases of relu, jumprelu and gated SAEs (b_enc;
+    b_gate and b_mag), which set where latents fire (unset: the SAE's lr x sqrt(d_in), like
+    the JumpReLU thresholds: a bias is in the pre-activations' units, which a step of the
+    encoder weights moves about sqrt(d_in) times as far as a step of one weight)."""
     jumprelu_init_threshold: float = 0.5
     """Initial threshold of every JumpReLU latent, in units of the RMS of the pre-activations
     on the first buffer (measured when training starts; cfg.json records the value used)."""
@@ -149,9 +166,9 @@ class SAETrainConfig:
         _one_of(self, "architecture", ARCHITECTURES)
         _positive(self, "expansion", "k", "d_sae", "k_start", "lr", "dead_tokens", "aux_k",
                   "jumprelu_init_threshold", "jumprelu_bandwidth", "jumprelu_threshold_lr",
-                  "target_l0")
+                  "bias_lr", "target_l0")
         _not_negative(self, "k_anneal_tokens", "sparsity_coefficient", "sparsity_warmup_tokens",
-                      "aux_k_alpha")
+                      "aux_k_alpha", "preact_coefficient")
         if self.ghost_grads and self.architecture != "relu":
             raise ConfigError(f"ghost_grads apply to relu SAEs only; this one is "
                               f"{self.architecture}", field="ghost_grads")
@@ -180,10 +197,26 @@ class SAETrainConfig:
             return self.sparsity_coefficient
         return DEFAULT_SPARSITY.get(self.architecture, 0.0)
 
+    def preact_of(self) -> float:
+        """The pre-activation loss weight of this SAE (see preact_coefficient)."""
+        if self.architecture not in SPARSITY_ARCHITECTURES:
+            return 0.0
+        if self.preact_coefficient is not None:
+            return self.preact_coefficient
+        return DEFAULT_PREACT.get(self.architecture, 0.0)
+
+    def bias_lr_of(self, d_in: int) -> float:
+        """The encoder biases' learning rate (see bias_lr)."""
+        return self.bias_lr if self.bias_lr is not None else self._pre_activation_lr(d_in)
+
     def threshold_lr(self, d_in: int) -> float:
         """The JumpReLU thresholds' learning rate (see jumprelu_threshold_lr)."""
         if self.jumprelu_threshold_lr is not None:
             return self.jumprelu_threshold_lr
+        return self._pre_activation_lr(d_in)
+
+    def _pre_activation_lr(self, d_in: int) -> float:
+        """lr x sqrt(d_in): the rate of a parameter in the pre-activations' units."""
         return self.default_lr(d_in) * math.sqrt(d_in)
 
     def dead_window(self, run_tokens: int) -> int:

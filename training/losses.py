@@ -12,6 +12,9 @@ the same units. Formulas:
   straight-through estimator (rectangle kernel of width `bandwidth`).
 - gated: MSE + lambda * L1 of the gate + an auxiliary reconstruction from the gate path
   through a frozen decoder.
+- relu, jumprelu, gated: + c * sum_i relu(t_i - h_i) ||W_dec,i||, the pre-activation loss
+  (threshold t_i; 0 for relu and the gate), which lifts latents that do not fire toward
+  firing (c: SAETrainConfig.preact_coefficient, on by default for jumprelu).
 - matryoshka: the sum over nested prefixes of their reconstruction errors (Bussmann et al.
   2025), so the full width carries the same weight as a TopK SAE's error and every smaller
   prefix adds its own.
@@ -75,6 +78,8 @@ class LossSettings:
     aux_k_alpha: float = 1 / 32
     aux_k: int = 256
     ghost_grads: bool = False
+    preact_coefficient: float = 0.0
+    """Pre-activation loss weight (relu, jumprelu, gated; see preact_loss)."""
     sparse_topk: bool = True
     """TopK SAEs: the sparse kernels of saereg.training.kernels (False: the dense reference)."""
 
@@ -122,6 +127,14 @@ def aux_k_loss(sae: SAE, x: torch.Tensor, x_hat: torch.Tensor, pre: torch.Tensor
     e_hat = torch.einsum("bk,bkd->bd", values, sae.W_dec[idx])
     loss = (e_hat - residual).pow(2).sum(-1).mean()
     return torch.nan_to_num(loss, nan=0.0)
+
+
+def preact_loss(pre: torch.Tensor, threshold: torch.Tensor | float, sae: SAE) -> torch.Tensor:
+    """sum_i relu(t_i - h_i) ||W_dec,i||, averaged over tokens: how far below its threshold
+    t_i each latent's pre-activation h_i sits where it does not fire. Its gradient reaches
+    the pre-activations only (not the thresholds, not the decoder)."""
+    gap = torch.relu(threshold - pre)
+    return (gap * sae.W_dec.norm(dim=1).detach()).sum(-1).mean()
 
 
 def ghost_grad_loss(sae: SAE, x: torch.Tensor, x_hat: torch.Tensor, pre: torch.Tensor,
@@ -190,6 +203,9 @@ def compute_loss(sae: SAE, x: torch.Tensor, s: LossSettings, dead: torch.Tensor)
         terms.update(l1=l1, gate_aux=aux)
         loss = mse + s.sparsity_coefficient * l1 + aux
         pre = gate_pre
+        if s.preact_coefficient:
+            terms["preact"] = preact_loss(gate_pre, 0.0, sae)
+            loss = loss + s.preact_coefficient * terms["preact"]
     else:
         pre = sae.pre_acts(x)
         if isinstance(sae, JumpReLUSAE):
@@ -210,6 +226,9 @@ def compute_loss(sae: SAE, x: torch.Tensor, s: LossSettings, dead: torch.Tensor)
             loss = mse
         if isinstance(sae, JumpReLUSAE):
             loss = loss + s.sparsity_coefficient * terms["l0_penalty"]
+            if s.preact_coefficient:
+                terms["preact"] = preact_loss(pre, sae.threshold.detach(), sae)
+                loss = loss + s.preact_coefficient * terms["preact"]
         elif isinstance(sae, (TopKSAE, BatchTopKSAE)):
             aux = aux_k_loss(sae, x_n, x_hat, pre, dead, s.aux_k)
             terms["aux_k"] = aux
@@ -218,6 +237,9 @@ def compute_loss(sae: SAE, x: torch.Tensor, s: LossSettings, dead: torch.Tensor)
             l1 = (torch.relu(acts) * sae.W_dec.norm(dim=1)).sum(-1).mean()
             terms["l1"] = l1
             loss = loss + s.sparsity_coefficient * l1
+            if s.preact_coefficient:
+                terms["preact"] = preact_loss(pre, 0.0, sae)
+                loss = loss + s.preact_coefficient * terms["preact"]
             if s.ghost_grads:
                 ghost = ghost_grad_loss(sae, x_n, x_hat, pre, dead, mse)
                 terms["ghost_grad"] = ghost

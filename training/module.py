@@ -25,7 +25,7 @@ from torch import nn
 from saereg.registry.errors import TrainingDivergedError
 from saereg.registry.sae.modules import SAE, SAEConfig, build_sae, expected_norm_scale
 from saereg.training.activations import ActivationStream, StreamDataset
-from saereg.training.config import SAETrainConfig, TrainConfig
+from saereg.training.config import SPARSITY_ARCHITECTURES, SAETrainConfig, TrainConfig
 from saereg.training.distributed import (all_gather_objects, all_reduce_sum, broadcast_, rank,
                                          world_size)
 from saereg.training.losses import (COMPILED_ARCHITECTURES, LossSettings, compiled_loss,
@@ -33,6 +33,9 @@ from saereg.training.losses import (COMPILED_ARCHITECTURES, LossSettings, compil
 from saereg.training.sparsity import SparsityControl
 
 INIT_SAMPLE_TOKENS = 4096
+BIAS_PARAMETERS = ("b_enc", "b_gate", "b_mag")
+"""The biases added to pre-activations; in relu, jumprelu and gated SAEs they learn at
+``bias_lr`` (see SAETrainConfig.bias_lr)."""
 
 
 class LatentStats(nn.Module):
@@ -172,8 +175,14 @@ class SAETrainingModule(L.LightningModule):
         groups = []
         for sid, sae in self.saes.items():
             spec, d_in = self.specs[sid], sae.cfg.d_in
-            own = [p for name, p in sae.named_parameters() if name != "threshold"]
+            fast = BIAS_PARAMETERS if sae.architecture in SPARSITY_ARCHITECTURES else ()
+            own = [p for name, p in sae.named_parameters()
+                   if name != "threshold" and name not in fast]
             groups.append({"params": own, "lr": spec.default_lr(d_in), "name": sid})
+            biases = [p for name, p in sae.named_parameters() if name in fast]
+            if biases:  # in the pre-activations' units (see bias_lr)
+                groups.append({"params": biases, "lr": spec.bias_lr_of(d_in),
+                               "name": f"{sid}/biases"})
             if sae.architecture == "jumprelu":  # its own rate (see jumprelu_threshold_lr)
                 groups.append({"params": [sae.threshold], "lr": spec.threshold_lr(d_in),
                                "name": f"{sid}/threshold"})
@@ -207,7 +216,7 @@ class SAETrainingModule(L.LightningModule):
             settings = LossSettings(
                 sparsity_coefficient=self.control[sid].at(tokens, n),
                 aux_k_alpha=spec.aux_k_alpha, aux_k=spec.aux_k or sae.cfg.d_in // 2,
-                ghost_grads=spec.ghost_grads)
+                ghost_grads=spec.ghost_grads, preact_coefficient=spec.preact_of())
             dead = self.stats[sid].tokens_since_fired >= spec.dead_window(self.cfg.tokens)
             out = self._loss_fn(spec)(sae, x, settings, dead)
             steps.append((x, out, dead, settings))

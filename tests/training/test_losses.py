@@ -9,6 +9,7 @@ import lightning as L
 import pytest
 import torch
 
+from saereg.registry.errors import ConfigError
 from saereg.registry.sae.modules import SAEConfig, build_sae
 from saereg.training.config import SAETrainConfig, TrainConfig
 from saereg.training.losses import LossSettings, compute_loss, k_at
@@ -163,7 +164,7 @@ def test_compiled_loss_matches_eager(arch):
     fn = compiled_loss(len(saes))
     for step in range(2):
         for sae in saes:
-            settings = LossSettings(sparsity_coefficient=1e-2 * (step + 1))
+            settings = LossSettings(sparsity_coefficient=1e-2 * (step + 1), preact_coefficient=1e-3)
             grads = []
             for f in (compute_loss, fn):
                 sae.zero_grad(set_to_none=True)
@@ -176,3 +177,81 @@ def test_compiled_loss_matches_eager(arch):
             assert g_comp.keys() == g_eager.keys() and g_eager
             for name in g_eager:
                 torch.testing.assert_close(g_comp[name], g_eager[name], rtol=1e-4, atol=1e-5)
+
+
+def test_preact_loss_pulls_latents_below_their_threshold():
+    """The pre-activation loss is sum_i relu(t_i - h_i) ||W_dec,i|| averaged over tokens; its
+    gradient reaches the pre-activations of latents under their threshold only, never the
+    threshold or the decoder, and lifts the bias of a latent that never fires, which the
+    reconstruction and the sparsity terms give no gradient at all."""
+    from saereg.training.losses import preact_loss
+
+    cfg = SAEConfig(d_in=16, d_sae=64, architecture="jumprelu", jumprelu_init_threshold=0.3)
+    sae = build_sae(cfg, seed=0).train()
+    with torch.no_grad():
+        sae.W_dec.mul_(torch.linspace(0.5, 2.0, 64)[:, None])  # norms that weigh the gaps
+    pre = torch.randn(32, 64, requires_grad=True)
+    value = preact_loss(pre, sae.threshold.detach(), sae)
+    gap = (sae.threshold.detach() - pre.detach()).clamp_min(0)
+    expected = (gap * sae.W_dec.detach().norm(dim=1)).sum(-1).mean()
+    torch.testing.assert_close(value, expected)
+    value.backward()
+    below = pre.detach() < sae.threshold.detach()
+    assert (pre.grad[~below] == 0).all() and (pre.grad[below] < 0).all()
+    assert sae.W_dec.grad is None and sae.threshold.grad is None
+
+    dead = torch.zeros(64, dtype=torch.bool)
+    x = torch.randn(256, 16, generator=torch.Generator().manual_seed(1))
+    for arch in ("relu", "jumprelu", "gated"):
+        sae = build_sae(SAEConfig(d_in=16, d_sae=64, architecture=arch), seed=0).train()
+        bias = sae.b_gate if arch == "gated" else sae.b_enc
+        with torch.no_grad():
+            bias[0] = -100.0  # latent 0 never fires
+        grads = []
+        for c in (0.0, 1e-3):
+            sae.zero_grad(set_to_none=True)
+            out = compute_loss(sae, x, LossSettings(sparsity_coefficient=1.0,
+                                                    preact_coefficient=c), dead)
+            out.loss.backward()
+            assert ("preact" in out.terms) == (c > 0), arch
+            grads.append(float(bias.grad[0]))
+        assert grads[0] == 0.0, arch  # nothing else reaches a latent that never fires
+        assert grads[1] < 0, arch  # descent raises its bias toward firing
+
+
+def test_encoder_biases_learn_in_the_pre_activations_units():
+    """relu, jumprelu and gated SAEs put their encoder biases in an Adam group of their own at
+    lr x sqrt(d_in) (or bias_lr when given); TopK SAEs keep them with the weights. The
+    pre-activation loss is on by default for jumprelu only."""
+    d_in = 16
+    specs = [SAETrainConfig(hook=HOOK, architecture="relu", d_sae=64),
+             SAETrainConfig(hook=HOOK, architecture="gated", d_sae=64, lr=1e-3),
+             SAETrainConfig(hook=HOOK, architecture="jumprelu", d_sae=64, bias_lr=0.02),
+             SAETrainConfig(hook=HOOK, architecture="topk", d_sae=64, k=4)]
+    cfg = TrainConfig(model="toy", saes=specs, tokens=10_000, batch_tokens=100)
+    module = SAETrainingModule(cfg.to_dict(), {HOOK: d_in})
+    groups = {g["name"]: g for g in module.configure_optimizers()["optimizer"].param_groups}
+    # initial_lr: the rate before the warm-up schedule scales it
+    relu, gated, jump, topk = (s.sae_id() for s in specs)
+
+    def names(group):
+        ids = {id(p) for p in groups[group]["params"]}
+        sae = module.saes[group.split("/")[0]]
+        return {n for n, p in sae.named_parameters() if id(p) in ids}
+
+    assert names(f"{relu}/biases") == {"b_enc"} and "b_enc" not in names(relu)
+    assert groups[f"{relu}/biases"]["initial_lr"] == pytest.approx(specs[0].default_lr(d_in) * 4)
+    assert names(f"{gated}/biases") == {"b_gate", "b_mag"}
+    assert groups[f"{gated}/biases"]["initial_lr"] == pytest.approx(1e-3 * 4)
+    assert groups[f"{jump}/biases"]["initial_lr"] == pytest.approx(0.02)
+    assert names(f"{jump}/threshold") == {"threshold"}
+    assert f"{topk}/biases" not in groups and "b_enc" in names(topk)
+    assert [s.preact_of() for s in specs] == [0.0, 0.0, 1e-3, 0.0]
+    assert SAETrainConfig(hook=HOOK, architecture="relu", preact_coefficient=0.01).preact_of() \
+        == 0.01
+    assert SAETrainConfig(hook=HOOK, architecture="topk", preact_coefficient=0.01).preact_of() \
+        == 0.0
+    with pytest.raises(ConfigError, match="bias_lr must be positive; got 0"):
+        SAETrainConfig(hook=HOOK, architecture="relu", bias_lr=0)
+    with pytest.raises(ConfigError, match="preact_coefficient"):
+        SAETrainConfig(hook=HOOK, architecture="relu", preact_coefficient=-1)

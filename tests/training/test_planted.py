@@ -1,12 +1,13 @@
-"""TopK and JumpReLU SAEs at their defaults recover planted features.
+"""SAEs of every kind of sparsity control at their defaults recover planted features.
 
 Activations made of 128 known unit directions in 64 dimensions (Zipf firing rates, about 2.5
 active per sample, varied magnitudes; saereg.training.planted) are written as an activation
-cache and trained on with the job's own Lightning module and data module, with one sparsity
-target (k = 3, or target_l0 = 3) and nothing else tuned. Each SAE must find most of the
-directions (a decoder row at cosine > 0.9), reconstruct most of the variance and land near
-its target L0: a lower bar than benchmarks/planted.py's goal, so that a regression of the
-defaults (threshold start, threshold learning rate, the L0 controller, AuxK's dead window)
+cache and trained on with the job's own Lightning module and data module (TopK, JumpReLU,
+Gated and ReLU-L1 SAEs from one pass), with one sparsity target (k = 3, or target_l0 = 3) and
+nothing else tuned. Each SAE must find many of the directions (a decoder row at cosine > 0.9),
+reconstruct most of the variance and land near its target L0: a lower bar than
+benchmarks/planted.py's goal, so that a regression of the defaults (threshold start, threshold
+and bias learning rates, the pre-activation loss, the L0 controller, AuxK's dead window)
 cannot land silently."""
 
 from __future__ import annotations
@@ -21,27 +22,32 @@ from saereg.training.planted import (HOOK, PlantedFeatures, fit_in_process, reco
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """One job training both SAEs from one pass over the planted cache."""
+    """One job training the four SAEs from one pass over the planted cache."""
     features = PlantedFeatures(n_features=128, d=64, seed=1)
     folder = write_planted_cache(features, tmp_path_factory.mktemp("planted") / "cache", 40_000,
                                  heldout=2048, shard_tokens=20_000)
     saes = [SAETrainConfig(hook=HOOK, architecture="topk", expansion=2, k=3),
-            SAETrainConfig(hook=HOOK, architecture="jumprelu", expansion=2, target_l0=3)]
+            SAETrainConfig(hook=HOOK, architecture="jumprelu", expansion=2, target_l0=3),
+            SAETrainConfig(hook=HOOK, architecture="gated", expansion=2, target_l0=3),
+            SAETrainConfig(hook=HOOK, architecture="relu", expansion=2, target_l0=3)]
     cfg = TrainConfig(model="planted-features", saes=saes, tokens=400_000, batch_tokens=1024,
                       buffer_tokens=20_000, from_cache=str(folder), log_every=10**6)
     module = fit_in_process(cfg)
     return features, {sae.architecture: sae for sae in module.saes.values()}
 
 
-@pytest.mark.parametrize("arch, matched", [("topk", 0.55), ("jumprelu", 0.3)])
-def test_defaults_recover_planted_features(trained, arch, matched):
-    """matched: random rows match none; 390 steps of 1024 align 0.70 of TopK's rows and 0.41
-    of JumpReLU's (the benchmark's 488 steps of 2048 on 512 features match 0.99 of both)."""
+@pytest.mark.parametrize("arch, matched, ev", [("topk", 0.55, 0.85), ("jumprelu", 0.3, 0.85),
+                                               ("gated", 0.3, 0.85), ("relu", 0.3, 0.7)])
+def test_defaults_recover_planted_features(trained, arch, matched, ev):
+    """matched: random rows match none; 390 steps of 1024 align 0.70 of TopK's rows, 0.45 of
+    JumpReLU's, 0.47 of Gated's and 0.52 of ReLU-L1's (the benchmark's 488 steps of 2048 on
+    512 features match 0.93-1.00 of every architecture's). EV: 0.91-0.93, but ReLU-L1's 0.78
+    (its L1 penalty shrinks every magnitude; benchmarks/RESULTS.md)."""
     features, saes = trained
     r = recovery(features, saes[arch])
     assert r["matched"] >= matched, r
     assert r["matched_live"] <= r["matched"], r  # live rows are a subset of the rows
-    assert r["explained_variance"] >= 0.85, r
+    assert r["explained_variance"] >= ev, r
     assert 2 <= r["l0"] <= 4.5, r  # within 1.5x of the target, 3
     assert r["dead"] <= 0.2, r
 
