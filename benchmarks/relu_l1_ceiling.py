@@ -28,6 +28,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20_000)
     ap.add_argument("--batch", type=int, default=4096)
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--bias-lr", type=float, default=None,
+                    help="b_enc's rate (default: the trainer's, lr x sqrt(d))")
     ap.add_argument("--report-every", type=int, default=2000)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
@@ -50,7 +52,7 @@ def main() -> None:
         sae.W_enc.copy_(planted.directions.T)
         sae.norm_scale.fill_(expected_norm_scale(planted.sample(65536, seed=1)[0]))
     spec = SAETrainConfig(hook="planted", architecture="relu", target_l0=args.target,
-                          d_sae=args.features, lr=args.lr)
+                          d_sae=args.features, lr=args.lr, bias_lr=args.bias_lr)
     control = SparsityControl(spec, args.steps * args.batch)
     biases = [sae.b_enc]
     weights = [p for p in sae.parameters() if p is not sae.b_enc]
@@ -60,7 +62,8 @@ def main() -> None:
     decay_from = int(0.8 * args.steps)
     dead = torch.zeros(args.features, dtype=torch.bool)
     print(f"ReLU-L1 from the planted directions: {args.features} features in d={args.d}, "
-          f"target L0 {args.target:g}, {args.steps} steps of {args.batch} fresh samples")
+          f"target L0 {args.target:g}, {args.steps} steps of {args.batch} fresh samples, lr "
+          f"{args.lr:g}, bias lr {spec.bias_lr_of(args.d):g}")
     print("| step | EV | L0 | dead | matched | lambda | mean encoder gain |")
     print("|---|---|---|---|---|---|---|")
     t0 = time.perf_counter()
@@ -78,7 +81,7 @@ def main() -> None:
         control.update(float((out.acts > 0).sum(-1).float().mean()))
         if step % args.report_every == 0 or step == args.steps:
             m = recovery(planted, sae)
-            gain = float((sae.W_enc.T * planted.directions).sum(1).mean())
+            gain = float((sae.W_enc.detach().T * planted.directions).sum(1).mean())
             print(f"| {step} | {m['explained_variance']:.3f} | {m['l0']:.2f} | "
                   f"{m['dead']:.3f} | {m['matched']:.3f} | {control.at(0, 1):.2f} | "
                   f"{gain:.2f} |", flush=True)

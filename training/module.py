@@ -3,8 +3,10 @@
 :class:`ActivationDataModule` owns the language-model pass (an :class:`ActivationStream`);
 :class:`SAETrainingModule` holds one SAE per configuration, sums their independent losses,
 and keeps per-latent firing statistics (for dead latents, AuxK and the density plot). Every
-SAE has its own learning rate and its own gradient clip; decoder rows are kept at unit norm
-with the radial part of their gradient removed before each step.
+SAE has its own learning rate and its own gradient clip (the encoder biases and JumpReLU
+thresholds of relu, jumprelu and gated SAEs learn at a rate of their own, in the
+pre-activations' units); decoder rows are kept at unit norm with the radial part of their
+gradient removed before each step.
 
 Data-parallel (DDP): every process draws ``batch_tokens / world_size`` activations of its own
 share of the data; DDP averages the gradients, so the step is the one of the whole batch. The

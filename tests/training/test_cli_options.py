@@ -56,7 +56,8 @@ def test_train_defaults_are_the_config_defaults():
     assert params["archs"] == [sae.architecture] and params["ks"] == [sae.k]
     assert params["expansions"] == [sae.expansion] and params["hooks"] == ()
     for name in ("dead_tokens", "aux_k_alpha", "b_dec_init", "ghost_grads",
-                 "jumprelu_init_threshold", "jumprelu_bandwidth", "jumprelu_threshold_lr"):
+                 "jumprelu_init_threshold", "jumprelu_bandwidth", "jumprelu_threshold_lr",
+                 "bias_lr", "preact_coefficient"):
         assert params[name] == getattr(sae, name), name
     assert params["lrs"] is None and params["target_l0s"] is None  # unset: one SAE each
     assert params["sparsity_coefficients"] is None
