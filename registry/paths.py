@@ -31,6 +31,11 @@ def mlflow_tracking_uri() -> str:
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
         return uri
+    return home_tracking_uri()
+
+
+def home_tracking_uri() -> str:
+    """The SQLite tracking store in SAEREG_HOME (the store when MLFLOW_TRACKING_URI is unset)."""
     return f"sqlite:///{saereg_home() / 'mlflow.db'}"
 
 

@@ -17,6 +17,7 @@ buffers stay identical everywhere and ``tokens_seen`` counts the tokens of all p
 
 from __future__ import annotations
 
+import sys
 import time
 from typing import Any
 
@@ -24,7 +25,7 @@ import lightning as L
 import torch
 from torch import nn
 
-from saereg.registry.errors import TrainingDivergedError
+from saereg.registry.errors import ConfigError, TrainingDivergedError
 from saereg.registry.sae.modules import SAE, SAEConfig, build_sae, expected_norm_scale
 from saereg.training.activations import ActivationStream, StreamDataset
 from saereg.training.config import SPARSITY_ARCHITECTURES, SAETrainConfig, TrainConfig
@@ -129,11 +130,60 @@ class SAETrainingModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """A checkpoint written before the sparsity controller existed has no coefficient
-        buffers: those resume at the value a new job starts from."""
+        buffers: those resume at the value a new job starts from. One written before the
+        encoder biases had an Adam group of their own is regrouped (_regroup_optimizer)."""
         state = checkpoint.get("state_dict", {})
         for key, value in self.state_dict().items():
             if key.startswith("control.") and key not in state:
                 state[key] = value
+        self._regroup_optimizer(checkpoint)
+
+    def _regroup_optimizer(self, checkpoint: dict[str, Any]) -> None:
+        """Rewrite the checkpoint's Adam state and LR schedule into :meth:`param_groups`'s
+        groups when they were saved in other groups (one per SAE and one per JumpReLU
+        threshold, before the encoder biases had theirs): every parameter keeps its own
+        moments and step count; a group's rate is its current one at the schedule's factor."""
+        optimizers = checkpoint.get("optimizer_states") or []
+        if len(optimizers) != 1:
+            return
+        saved = optimizers[0]
+        groups = self.param_groups()
+        if [g.get("name") for g in saved["param_groups"]] == [g[0] for g in groups]:
+            return
+        where: dict[tuple[str, str], tuple[Any, dict]] = {}  # (SAE, parameter) -> state, group
+        for group in saved["param_groups"]:
+            sid, _, part = str(group.get("name")).partition("/")
+            if sid not in self.saes or part not in ("", "threshold"):
+                raise ConfigError(f"the checkpoint's optimizer group {group.get('name')!r} "
+                                  f"belongs to no SAE of this job", field="checkpoint")
+            held = (["threshold"] if part else
+                    [n for n, _ in self.saes[sid].named_parameters() if n != "threshold"])
+            if len(held) != len(group["params"]):
+                raise ConfigError(f"the checkpoint's optimizer group {group['name']!r} holds "
+                                  f"{len(group['params'])} parameters where this version's "
+                                  f"SAE has {len(held)}", field="checkpoint")
+            for name, index in zip(held, group["params"]):
+                where[(sid, name)] = (saved["state"].get(index), group)
+        state, new_groups = {}, []
+        for name, sid, params, lr in groups:
+            template = where[(sid, params[0])][1]
+            factor = template["lr"] / template.get("initial_lr", template["lr"])
+            start = sum(len(g["params"]) for g in new_groups)
+            new_groups.append({**{k: v for k, v in template.items() if k != "params"},
+                               "name": name, "initial_lr": lr, "lr": lr * factor,
+                               "params": list(range(start, start + len(params)))})
+            for index, param in enumerate(params, start):
+                if where[(sid, param)][0] is not None:
+                    state[index] = where[(sid, param)][0]
+        optimizers[0] = {"state": state, "param_groups": new_groups}
+        for sched in checkpoint.get("lr_schedulers") or []:
+            sched["base_lrs"] = [g["initial_lr"] for g in new_groups]
+            sched["_last_lr"] = [g["lr"] for g in new_groups]
+            if "lr_lambdas" in sched:
+                sched["lr_lambdas"] = [None] * len(new_groups)
+        print("[saereg] checkpoint from an earlier optimizer layout: the encoder biases of "
+              "relu, jumprelu and gated SAEs learn at their own rate (bias_lr) from here on",
+              file=sys.stderr)
 
     def on_train_start(self) -> None:
         dm = self.trainer.datamodule
@@ -173,21 +223,29 @@ class SAETrainingModule(L.LightningModule):
             return max(0.0, (total - step) / (total - decay_start))
         return 1.0
 
-    def configure_optimizers(self):
+    def param_groups(self) -> list[tuple[str, str, list[str], float]]:
+        """Adam's groups in order: (group name, SAE id, the SAE's parameter names, lr). Each
+        SAE's weights; the encoder biases of relu, jumprelu and gated SAEs (see bias_lr); the
+        JumpReLU thresholds (see jumprelu_threshold_lr)."""
         groups = []
         for sid, sae in self.saes.items():
             spec, d_in = self.specs[sid], sae.cfg.d_in
             fast = BIAS_PARAMETERS if sae.architecture in SPARSITY_ARCHITECTURES else ()
-            own = [p for name, p in sae.named_parameters()
-                   if name != "threshold" and name not in fast]
-            groups.append({"params": own, "lr": spec.default_lr(d_in), "name": sid})
-            biases = [p for name, p in sae.named_parameters() if name in fast]
-            if biases:  # in the pre-activations' units (see bias_lr)
-                groups.append({"params": biases, "lr": spec.bias_lr_of(d_in),
-                               "name": f"{sid}/biases"})
-            if sae.architecture == "jumprelu":  # its own rate (see jumprelu_threshold_lr)
-                groups.append({"params": [sae.threshold], "lr": spec.threshold_lr(d_in),
-                               "name": f"{sid}/threshold"})
+            names = [name for name, _ in sae.named_parameters()]
+            groups.append((sid, sid, [n for n in names if n != "threshold" and n not in fast],
+                           spec.default_lr(d_in)))
+            biases = [n for n in names if n in fast]
+            if biases:
+                groups.append((f"{sid}/biases", sid, biases, spec.bias_lr_of(d_in)))
+            if "threshold" in names:
+                groups.append((f"{sid}/threshold", sid, ["threshold"], spec.threshold_lr(d_in)))
+        return groups
+
+    def configure_optimizers(self):
+        groups = []
+        for name, sid, params, lr in self.param_groups():
+            own = dict(self.saes[sid].named_parameters())
+            groups.append({"params": [own[n] for n in params], "lr": lr, "name": name})
         # the fused kernel (CPU and CUDA) is ~5x faster than the per-tensor loop on CPU
         fused = all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point
                     for g in groups for p in g["params"])

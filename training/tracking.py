@@ -20,7 +20,7 @@ import lightning as L
 
 from saereg.registry.catalog.mlflow_mirror import ensure_tracking_store
 from saereg.registry.errors import SaeRegError, TrainingInterrupted, redact
-from saereg.registry.paths import mlflow_artifact_root
+from saereg.registry.paths import home_tracking_uri, mlflow_artifact_root
 
 _NO_URL_PRINT = "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"
 
@@ -35,10 +35,11 @@ class Tracker:
         import mlflow
         from mlflow import MlflowClient
 
-        # The home's own store keeps its artifacts in the home (not ./mlruns); decided before
-        # mlflow.set_tracking_uri, which writes MLFLOW_TRACKING_URI into the environment.
-        home_store = tracking_uri is None and "MLFLOW_TRACKING_URI" not in os.environ
         self.uri = ensure_tracking_store(tracking_uri)  # creates a new SQLite store once
+        # The home's own store keeps its artifacts in the home (not ./mlruns): known by its URI,
+        # since mlflow.set_tracking_uri (below) writes MLFLOW_TRACKING_URI into the environment,
+        # and a later tracker of this process finds it set
+        home_store = self.uri == home_tracking_uri()
         self.shown_uri = redact(self.uri)
         """The URI as messages show it (credentials masked)."""
         self._pending: dict[str, list] = {}
