@@ -155,15 +155,19 @@ class SAETrainingModule(L.LightningModule):
             sid, _, part = str(group.get("name")).partition("/")
             if sid not in self.saes or part not in ("", "threshold"):
                 raise ConfigError(f"the checkpoint's optimizer group {group.get('name')!r} "
-                                  f"belongs to no SAE of this job", field="checkpoint")
+                                  f"belongs to no SAE of this job")
             held = (["threshold"] if part else
                     [n for n, _ in self.saes[sid].named_parameters() if n != "threshold"])
             if len(held) != len(group["params"]):
                 raise ConfigError(f"the checkpoint's optimizer group {group['name']!r} holds "
                                   f"{len(group['params'])} parameters where this version's "
-                                  f"SAE has {len(held)}", field="checkpoint")
+                                  f"SAE has {len(held)}")
             for name, index in zip(held, group["params"]):
                 where[(sid, name)] = (saved["state"].get(index), group)
+        missing = [f"{sid} {p}" for _, sid, params, _ in groups for p in params
+                   if (sid, p) not in where]
+        if missing:
+            raise ConfigError(f"the checkpoint has no optimizer group for {missing[0]}")
         state, new_groups = {}, []
         for name, sid, params, lr in groups:
             template = where[(sid, params[0])][1]
@@ -181,9 +185,10 @@ class SAETrainingModule(L.LightningModule):
             sched["_last_lr"] = [g["lr"] for g in new_groups]
             if "lr_lambdas" in sched:
                 sched["lr_lambdas"] = [None] * len(new_groups)
-        print("[saereg] checkpoint from an earlier optimizer layout: the encoder biases of "
-              "relu, jumprelu and gated SAEs learn at their own rate (bias_lr) from here on",
-              file=sys.stderr)
+        if rank() == 0:
+            print("[saereg] checkpoint from an earlier optimizer layout: the encoder biases of "
+                  "relu, jumprelu and gated SAEs learn at their own rate (bias_lr) from here on",
+                  file=sys.stderr)
 
     def on_train_start(self) -> None:
         dm = self.trainer.datamodule

@@ -67,3 +67,17 @@ def test_resume_regroups_an_earlier_optimizer_layout(tmp_path, capfd):
     assert sched.base_lrs == [g["initial_lr"] for g in opt.param_groups]
     assert [g["lr"] for g in opt.param_groups] == pytest.approx(
         [g["initial_lr"] * module.lr_factor(sched.last_epoch) for g in opt.param_groups])
+
+
+def test_a_checkpoint_of_other_saes_is_refused(tmp_path):
+    """Groups that name no SAE of the job, or hold another number of parameters, are refused
+    with the group's name, before anything is loaded."""
+    from saereg.registry.errors import ConfigError
+
+    _, module, _ = maker.trainer_and_module(maker.job(tmp_path / "cache"), maker.STEPS)
+    for change, message in ((lambda g: g.update(name="planted-relu-x4"), "planted-relu-x4"),
+                            (lambda g: g["params"].pop(), "holds 3 parameters")):
+        saved = torch.load(DATA / "pre_bias_group.ckpt", weights_only=False)
+        change(saved["optimizer_states"][0]["param_groups"][0])
+        with pytest.raises(ConfigError, match=message):
+            module.on_load_checkpoint(saved)
