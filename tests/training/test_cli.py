@@ -64,6 +64,7 @@ def test_sweep_trains_every_combination_from_one_pass(tiny_model_dir, mlflow_sto
 
     shutil.copy(saereg_home() / "mlflow.db", tmp_path / "elsewhere.db")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)  # a store named by URI keeps MLflow's artifact default, ./mlruns
     result = CliRunner().invoke(cli, [
         "train", str(tiny_model_dir), "--hook", "1", "--arch", "topk,relu", "--k", "4,8",
         "--expansion", "2", "--tokens", "2048", "--batch-tokens", "512", "--buffer-tokens", "1024",
@@ -78,6 +79,7 @@ def test_sweep_trains_every_combination_from_one_pass(tiny_model_dir, mlflow_sto
     exp = elsewhere.get_experiment_by_name("sae-registry")
     assert len(elsewhere.search_runs([exp.experiment_id])) == 4  # parent + 3
     assert mlflow_store.get_experiment_by_name("sae-registry") is None  # nothing in the default store
+    assert (tmp_path / "mlruns" / exp.experiment_id).is_dir()
 
 
 def test_train_register_puts_the_sae_in_the_catalog(tiny_model_dir, mlflow_store):
