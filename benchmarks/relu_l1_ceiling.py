@@ -5,10 +5,10 @@ benchmarks/planted.py) starts with its encoder and decoder at the planted direct
 biases at 0, and is trained with the project's own ReLU-L1 loss (compute_loss: MSE + lambda
 sum_i f_i ||W_dec,i||) for far longer than any default run, on fresh samples every step
 (no data is ever repeated), with the target-L0 controller of the trainer bringing L0 to the
-target and the learning rate decayed over the last fifth. Where it settles is what the
-objective itself makes of this data at that L0 (the best an optimiser can do from the
-answer), independent of initialisation and run length: if its EV stays under a goal, no
-default of the trainer can reach that goal with this loss.
+target and the learning rate decayed over the last fifth. Started from the answer and run far
+longer than the trainer's default, where it settles shows what the objective itself makes of
+this data at that L0: a goal above it is out of the reach of this loss, whatever the
+trainer's defaults.
 
     python benchmarks/relu_l1_ceiling.py --target 3 --steps 20000 --batch 4096
 """

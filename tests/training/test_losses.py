@@ -198,7 +198,7 @@ def test_preact_loss_pulls_latents_below_their_threshold():
     value.backward()
     below = pre.detach() < sae.threshold.detach()
     assert (pre.grad[~below] == 0).all() and (pre.grad[below] < 0).all()
-    assert sae.W_dec.grad is None and sae.threshold.grad is None
+    assert sae.W_dec.grad is None  # the decoder norms weigh the gaps, detached
 
     dead = torch.zeros(64, dtype=torch.bool)
     x = torch.randn(256, 16, generator=torch.Generator().manual_seed(1))
@@ -207,7 +207,7 @@ def test_preact_loss_pulls_latents_below_their_threshold():
         bias = sae.b_gate if arch == "gated" else sae.b_enc
         with torch.no_grad():
             bias[0] = -100.0  # latent 0 never fires
-        grads = []
+        grads, untouched = [], []
         for c in (0.0, 1e-3):
             sae.zero_grad(set_to_none=True)
             out = compute_loss(sae, x, LossSettings(sparsity_coefficient=1.0,
@@ -215,8 +215,12 @@ def test_preact_loss_pulls_latents_below_their_threshold():
             out.loss.backward()
             assert ("preact" in out.terms) == (c > 0), arch
             grads.append(float(bias.grad[0]))
+            untouched.append({n: p.grad.clone() for n, p in sae.named_parameters()
+                              if n in ("W_dec", "threshold")})
         assert grads[0] == 0.0, arch  # nothing else reaches a latent that never fires
         assert grads[1] < 0, arch  # descent raises its bias toward firing
+        for name, grad in untouched[0].items():  # the term moves neither decoder nor threshold
+            torch.testing.assert_close(untouched[1][name], grad, msg=f"{arch} {name}")
 
 
 def test_encoder_biases_learn_in_the_pre_activations_units():
