@@ -31,6 +31,8 @@ DEFAULT_SPARSITY = {"relu": 5.0, "gated": 5.0, "jumprelu": 1.0}
 """Sparsity coefficients when none is given, in the units of the normalised inputs."""
 DEFAULT_PREACT = {"jumprelu": 1e-3}
 """Pre-activation loss weights when none is given (see SAETrainConfig.preact_coefficient)."""
+DEFAULT_REFIT = {"relu": 0.1}
+"""Decoder refit shares when none is given (see SAETrainConfig.decoder_refit)."""
 DEFAULT_DEAD_TOKENS = 1_000_000
 LM_DTYPES = ("float32", "bfloat16", "float16")
 """The dtypes a language model is loaded in (names of saereg.registry.sae.modules.DTYPES)."""
@@ -59,18 +61,19 @@ def format_count(n: int) -> str:
 def _positive(cfg: Any, *names: str) -> None:
     for name in names:
         value = getattr(cfg, name)
-        if value is not None and not value > 0:
+        if value is not None and not (value > 0 and math.isfinite(value)):
             # by the field's declared type: 0 given for a float field is still a float field
             declared = str(cfg.__dataclass_fields__[name].type)
-            what = "positive" if "float" in declared else "at least 1"
+            what = "a positive finite number" if "float" in declared else "at least 1"
             raise ConfigError(f"{name} must be {what}; got {value}", field=name)
 
 
 def _not_negative(cfg: Any, *names: str) -> None:
     for name in names:
         value = getattr(cfg, name)
-        if value is not None and value < 0:
-            raise ConfigError(f"{name} must not be negative; got {value}", field=name)
+        if value is not None and not (value >= 0 and math.isfinite(value)):
+            raise ConfigError(f"{name} must be a finite number, not negative; got {value}",
+                              field=name)
 
 
 def _one_of(cfg: Any, name: str, allowed: tuple[str, ...], hint: str = "") -> None:
@@ -144,6 +147,19 @@ class SAETrainConfig:
     b_gate and b_mag), which set where latents fire (unset: the SAE's lr x sqrt(d_in), like
     the JumpReLU thresholds: a bias is in the pre-activations' units, which a step of the
     encoder weights moves about sqrt(d_in) times as far as a step of one weight)."""
+    decoder_refit: float | None = None
+    """Share of the run, at its end, in which only the decoder learns (relu, jumprelu, gated):
+    the encoder, its biases and the thresholds are frozen, so each token keeps the latents and
+    L0 that training chose, and W_dec is fitted to the reconstruction error with no sparsity
+    term. An L1 penalty shrinks every activation it keeps ("feature suppression", Wright and
+    Sharkey 2024); refitting the decoder on the fixed code pays that back, as the relaxed
+    lasso refits its chosen support (Meinshausen 2007). After each refit step every decoder
+    row's norm moves into the encoder, so rows stay unit-norm and outputs are unchanged
+    (unset: 0.1 for relu, 0 for jumprelu and gated, whose magnitudes no L1 penalty shrinks;
+    0 turns it off)."""
+    decoder_refit_lr: float | None = None
+    """Adam learning rate of the decoder in the refit, decaying linearly to 0 at the last step
+    (unset: 3 x the SAE's lr)."""
     jumprelu_init_threshold: float = 0.5
     """Initial threshold of every JumpReLU latent, in units of the RMS of the pre-activations
     on the first buffer (measured when training starts; cfg.json records the value used)."""
@@ -166,9 +182,16 @@ class SAETrainConfig:
         _one_of(self, "architecture", ARCHITECTURES)
         _positive(self, "expansion", "k", "d_sae", "k_start", "lr", "dead_tokens", "aux_k",
                   "jumprelu_init_threshold", "jumprelu_bandwidth", "jumprelu_threshold_lr",
-                  "bias_lr", "target_l0")
+                  "bias_lr", "target_l0", "decoder_refit_lr")
         _not_negative(self, "k_anneal_tokens", "sparsity_coefficient", "sparsity_warmup_tokens",
-                      "aux_k_alpha", "preact_coefficient")
+                      "aux_k_alpha", "preact_coefficient", "decoder_refit")
+        if self.decoder_refit is not None and self.decoder_refit >= 1:
+            raise ConfigError(f"decoder_refit is a share of the run, less than 1 "
+                              f"(got {self.decoder_refit})", field="decoder_refit")
+        if self.decoder_refit and self.architecture not in SPARSITY_ARCHITECTURES:
+            raise ConfigError(f"decoder_refit applies to {', '.join(SPARSITY_ARCHITECTURES)} "
+                              f"SAEs; a {self.architecture} SAE picks its latents by rank, which "
+                              f"a rescaled encoder would change", field="decoder_refit")
         if self.ghost_grads and self.architecture != "relu":
             raise ConfigError(f"ghost_grads apply to relu SAEs only; this one is "
                               f"{self.architecture}", field="ghost_grads")
@@ -204,6 +227,28 @@ class SAETrainConfig:
         if self.preact_coefficient is not None:
             return self.preact_coefficient
         return DEFAULT_PREACT.get(self.architecture, 0.0)
+
+    def refit_of(self) -> float:
+        """The share of the run spent refitting the decoder (see decoder_refit)."""
+        if self.architecture not in SPARSITY_ARCHITECTURES:
+            return 0.0
+        if self.decoder_refit is not None:
+            return self.decoder_refit
+        return DEFAULT_REFIT.get(self.architecture, 0.0)
+
+    def refit_steps(self, total_steps: int) -> int:
+        """Steps at the end of a run of ``total_steps`` that refit the decoder (at least one
+        where the share is set, and never every step)."""
+        share = self.refit_of()
+        if not share or total_steps < 2:
+            return 0
+        return min(total_steps - 1, max(1, round(share * total_steps)))
+
+    def refit_lr_of(self, d_in: int) -> float:
+        """The decoder's learning rate in the refit (see decoder_refit_lr)."""
+        if self.decoder_refit_lr is not None:
+            return self.decoder_refit_lr
+        return 3 * self.default_lr(d_in)
 
     def bias_lr_of(self, d_in: int) -> float:
         """The encoder biases' learning rate (see bias_lr)."""

@@ -15,6 +15,9 @@ the same units. Formulas:
 - relu, jumprelu, gated: + c * sum_i relu(t_i - h_i) ||W_dec,i||, the pre-activation loss
   (threshold t_i; 0 for relu and the gate), which lifts latents that do not fire toward
   firing (c: SAETrainConfig.preact_coefficient, on by default for jumprelu).
+- relu, jumprelu, gated in the decoder refit (the last share of a run, see
+  SAETrainConfig.decoder_refit): MSE alone, from activations the frozen encoder computes
+  without gradient.
 - matryoshka: the sum over nested prefixes of their reconstruction errors (Bussmann et al.
   2025), so the full width carries the same weight as a TopK SAE's error and every smaller
   prefix adds its own.
@@ -82,6 +85,8 @@ class LossSettings:
     """Pre-activation loss weight (relu, jumprelu, gated; see preact_loss)."""
     sparse_topk: bool = True
     """TopK SAEs: the sparse kernels of saereg.training.kernels (False: the dense reference)."""
+    refit: bool = False
+    """The decoder refit (see refit_loss): reconstruction only, from a frozen code."""
 
 
 @dataclass
@@ -186,8 +191,22 @@ def sparse_topk_loss(sae: TopKSAE, x: torch.Tensor, s: LossSettings,
                       d_sae=sae.cfg.d_sae)
 
 
+def refit_loss(sae: SAE, x: torch.Tensor) -> LossOutput:
+    """The decoder refit's loss (SAETrainConfig.decoder_refit): the squared error of the
+    reconstruction from activations computed without gradient, so only W_dec learns (b_dec is
+    held too: the encoder subtracts it from its input)."""
+    x_n = sae.normalize_input(x.to(sae.W_enc.dtype))
+    with torch.no_grad():
+        acts = sae.encode(x)
+    x_hat = acts.to(sae.W_dec.dtype) @ sae.W_dec + sae.b_dec.detach()
+    mse = sq_error(x_hat, x_n)
+    return LossOutput(loss=mse, acts=acts, x_hat=x_hat, terms={"mse": mse})
+
+
 def compute_loss(sae: SAE, x: torch.Tensor, s: LossSettings, dead: torch.Tensor) -> LossOutput:
     """The training loss of ``sae`` on raw activations ``x`` [B, d_in]."""
+    if s.refit:
+        return refit_loss(sae, x)
     if s.sparse_topk and type(sae) is TopKSAE:
         return sparse_topk_loss(sae, x, s, dead)
     x_n = sae.normalize_input(x.to(sae.W_enc.dtype))

@@ -17,6 +17,7 @@ buffers stay identical everywhere and ``tokens_seen`` counts the tokens of all p
 
 from __future__ import annotations
 
+import functools
 import sys
 import time
 from typing import Any
@@ -36,6 +37,8 @@ from saereg.training.losses import (COMPILED_ARCHITECTURES, LossSettings, compil
 from saereg.training.sparsity import SparsityControl
 
 INIT_SAMPLE_TOKENS = 4096
+DECODER_PARAMETERS = ("W_dec",)
+"""What learns in the decoder refit (SAETrainConfig.decoder_refit); everything else is held."""
 BIAS_PARAMETERS = ("b_enc", "b_gate", "b_mag")
 """The biases added to pre-activations; in relu, jumprelu and gated SAEs they learn at
 ``bias_lr`` (see SAETrainConfig.bias_lr)."""
@@ -98,6 +101,10 @@ class SAETrainingModule(L.LightningModule):
                                       for sid, s in self.specs.items()})
         self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.long))
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+        self.refit_steps = {sid: s.refit_steps(self.cfg.total_steps)
+                            for sid, s in self.specs.items()}
+        self.refitting: set[str] = set()
+        """The SAEs whose current step is a decoder-refit step (set by training_step)."""
         self.step_metrics: dict[str, dict[str, float]] = {}
         self._t0 = time.perf_counter()
         self._tokens_at_t0 = 0
@@ -218,8 +225,12 @@ class SAETrainingModule(L.LightningModule):
     def step_for_tokens(self, tokens: int) -> int:
         return tokens // self.cfg.batch_tokens
 
-    def lr_factor(self, step: int) -> float:
-        total = self.cfg.total_steps
+    def lr_factor(self, step: int, total: int | None = None) -> float:
+        """The schedule of a run of ``total`` steps (unset: the job's): linear warm-up, then
+        constant, then a linear decay over the last lr_decay_fraction; 0 from ``total`` on."""
+        total = self.cfg.total_steps if total is None else total
+        if step >= total:
+            return 0.0
         w = min(self.cfg.lr_warmup_steps, max(1, total // 10))
         if w > 0 and step < w:
             return (step + 1) / w
@@ -227,6 +238,26 @@ class SAETrainingModule(L.LightningModule):
         if step >= decay_start and total > decay_start:
             return max(0.0, (total - step) / (total - decay_start))
         return 1.0
+
+    def in_refit(self, sid: str, step: int) -> bool:
+        """Whether ``step`` of SAE ``sid`` refits its decoder (see decoder_refit)."""
+        return step >= self.cfg.total_steps - self.refit_steps[sid]
+
+    def group_lr_factor(self, name: str, sid: str, lr: float, step: int) -> float:
+        """The schedule of Adam group ``name`` (of :meth:`param_groups`: SAE ``sid``, rate
+        ``lr``). An SAE with a decoder refit runs the whole schedule over the steps before it;
+        in the refit its main group (the only one with gradients then: W_dec's) goes from
+        decoder_refit_lr down to 0, and its other groups stay at 0."""
+        refit = self.refit_steps[sid]
+        if not refit:
+            return self.lr_factor(step)
+        total = self.cfg.total_steps
+        if step < total - refit:
+            return self.lr_factor(step, total - refit)
+        if name != sid:
+            return 0.0
+        spec = self.specs[sid]
+        return spec.refit_lr_of(self.saes[sid].cfg.d_in) / lr * (total - step) / refit
 
     def param_groups(self) -> list[tuple[str, str, list[str], float]]:
         """Adam's groups in order: (group name, SAE id, the SAE's parameter names, lr). Each
@@ -255,7 +286,9 @@ class SAETrainingModule(L.LightningModule):
         fused = all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point
                     for g in groups for p in g["params"])
         opt = torch.optim.Adam(groups, betas=self.cfg.adam_betas, fused=fused or None)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, self.lr_factor)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, [functools.partial(self.group_lr_factor, name, sid, lr)
+                  for name, sid, _, lr in self.param_groups()])
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # -- training ---------------------------------------------------------------------------
@@ -269,6 +302,7 @@ class SAETrainingModule(L.LightningModule):
         count_density = tokens >= self.cfg.tokens // 2
         steps: list[tuple | None] = []
         bad: list[int] = []  # per SAE: non-finite activations, non-finite loss
+        self.refitting = {sid for sid in self.saes if self.in_refit(sid, step)}
         for sid, sae in self.saes.items():
             spec = self.specs[sid]
             x = batch[spec.hook]
@@ -281,9 +315,14 @@ class SAETrainingModule(L.LightningModule):
             settings = LossSettings(
                 sparsity_coefficient=self.control[sid].at(tokens, n),
                 aux_k_alpha=spec.aux_k_alpha, aux_k=spec.aux_k or sae.cfg.d_in // 2,
-                ghost_grads=spec.ghost_grads, preact_coefficient=spec.preact_of())
+                ghost_grads=spec.ghost_grads, preact_coefficient=spec.preact_of(),
+                refit=sid in self.refitting)
             dead = self.stats[sid].tokens_since_fired >= spec.dead_window(self.cfg.tokens)
-            out = self._loss_fn(spec)(sae, x, settings, dead)
+            out = self._loss_fn(spec, settings.refit)(sae, x, settings, dead)
+            if settings.refit and world_size() > 1:
+                # DDP reduces every parameter's gradient each step: give the held ones a zero
+                out.loss = out.loss + 0.0 * sum(p.sum() for n, p in sae.named_parameters()
+                                                 if n not in DECODER_PARAMETERS)
             steps.append((x, out, dead, settings))
             bad += [0, 0 if torch.isfinite(out.loss) else 1]
         counts = [self.stats[sid].fire_counts(st[1]) if st
@@ -294,7 +333,8 @@ class SAETrainingModule(L.LightningModule):
         total = None
         for (sid, sae), (x, out, dead, settings), c in zip(self.saes.items(), steps, counts):
             self.stats[sid].record(c, n, count_density)
-            self.control[sid].update(float(c.sum()) / n)  # the same on every process
+            if sid not in self.refitting:  # a frozen code has a fixed L0
+                self.control[sid].update(float(c.sum()) / n)  # the same on every process
             if log_now:
                 self.step_metrics[sid] = self._metrics(sae, x, out, dead, settings, sid, n)
             total = out.loss if total is None else total + out.loss
@@ -302,11 +342,11 @@ class SAETrainingModule(L.LightningModule):
         self.tokens_seen += n
         return total
 
-    def _loss_fn(self, spec: SAETrainConfig):
+    def _loss_fn(self, spec: SAETrainConfig, refit: bool = False):
         """compute_loss, compiled under --compile for the architectures it speeds up (ghost
-        grads branch on the data, so they stay eager)."""
+        grads branch on the data, and the decoder refit has nothing to fuse: both eager)."""
         if (self.cfg.compile and spec.architecture in COMPILED_ARCHITECTURES
-                and not spec.ghost_grads):
+                and not spec.ghost_grads and not refit):
             return compiled_loss(len(self.specs))
         return compute_loss
 
@@ -367,16 +407,27 @@ class SAETrainingModule(L.LightningModule):
                 torch.nn.utils.clip_grad_norm_(sae.parameters(), self.cfg.grad_clip)
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        for sae in self.saes.values():
-            sae.remove_decoder_radial_grad()
+        """Decoder rows keep unit norm: the radial part of their gradient goes. In the decoder
+        refit the norms learn too (folded into the encoder after the step), and every other
+        parameter loses its gradient, so Adam leaves it and its moments as they are."""
+        for sid, sae in self.saes.items():
+            if sid in self.refitting:
+                for name, p in sae.named_parameters():
+                    if name not in DECODER_PARAMETERS:
+                        p.grad = None
+            else:
+                sae.remove_decoder_radial_grad()
 
     def optimizer_step(self, *args, **kwargs) -> None:
         """The update, then the constraints it must leave intact; before the callbacks of the
         step's end run, so a checkpoint holds the weights the next step starts from."""
         super().optimizer_step(*args, **kwargs)
         with torch.no_grad():
-            for sae in self.saes.values():
-                sae.set_decoder_norm_to_unit()
+            for sid, sae in self.saes.items():
+                if sid in self.refitting:
+                    sae.fold_decoder_norms()
+                else:
+                    sae.set_decoder_norm_to_unit()
                 if sae.architecture == "jumprelu":
                     sae.threshold.clamp_(min=1e-6)
 

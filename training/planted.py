@@ -24,6 +24,14 @@ HOOK = "planted"
 """The one hook name of a planted cache."""
 
 
+def direction_stream(seed: int) -> int:
+    """The generator seed of the planted directions of ``seed``. Never ``seed`` itself: an SAE
+    of seed s starts from unit rows of ``randn(d_sae, d_in)`` drawn with seed s, so directions
+    drawn the same way would be its initial decoder, row for row, and it would start at the
+    answer."""
+    return 1_000_003 + 7_919 * seed
+
+
 @dataclass
 class PlantedFeatures:
     n_features: int = 256
@@ -35,7 +43,7 @@ class PlantedFeatures:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        g = torch.Generator().manual_seed(self.seed)
+        g = torch.Generator().manual_seed(direction_stream(self.seed))
         d = torch.randn(self.n_features, self.d, generator=g)
         self.directions = d / d.norm(dim=1, keepdim=True)
         rate = (torch.arange(self.n_features) + 1.0) ** -self.zipf
@@ -157,10 +165,10 @@ def support_ev(planted: PlantedFeatures, sae, n_eval: int = 8192) -> float:
     return float(1 - resid.pow(2).sum() / (xn - xn.mean(0)).pow(2).sum())
 
 
-def fit_in_process(cfg, device: str = "cpu"):
+def fit_in_process(cfg, device: str = "cpu", callbacks=()):
     """Train ``cfg`` (a TrainConfig with ``from_cache`` set) with the job's Lightning module
-    and data module, without MLflow, checkpoints or evaluation (for tests); returns the
-    trained :class:`saereg.training.module.SAETrainingModule`."""
+    and data module, without MLflow, checkpoints or evaluation (for tests; ``callbacks`` go
+    to the trainer); returns the trained :class:`saereg.training.module.SAETrainingModule`."""
     import logging
 
     import lightning as L
@@ -175,6 +183,7 @@ def fit_in_process(cfg, device: str = "cpu"):
     trainer = L.Trainer(max_steps=cfg.total_steps, max_epochs=-1, accelerator="cpu",
                         devices=1, logger=False, enable_progress_bar=False,
                         enable_checkpointing=False, enable_model_summary=False,
-                        num_sanity_val_steps=0, gradient_clip_val=None)
+                        num_sanity_val_steps=0, gradient_clip_val=None,
+                        callbacks=list(callbacks))
     trainer.fit(module, datamodule=ActivationDataModule(None, cfg, cache=source))
     return module

@@ -116,6 +116,8 @@ class SAE(nn.Module):
     """Base module: linear encoder, an activation chosen by the subclass, linear decoder."""
 
     architecture = "relu"
+    picks_by_rank = False
+    """TopK family: a latent fires by its rank among the pre-activations."""
 
     def __init__(self, cfg: SAEConfig):
         super().__init__()
@@ -204,6 +206,23 @@ class SAE(nn.Module):
         self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8))
 
     @torch.no_grad()
+    def fold_decoder_norms(self) -> None:
+        """Unit-norm decoder rows with every output unchanged: latent i's activation is
+        multiplied by n_i = ||W_dec,i|| (the encoder side scales) and its row divided by it.
+        The latents fire where they did; only how strongly changes (f_i d_i is the same)."""
+        if self.picks_by_rank:
+            raise TypeError(f"a {self.architecture} SAE picks its latents by rank: scaling them "
+                            f"one by one would change which fire")
+        n = self.W_dec.norm(dim=1).clamp_min(1e-8)
+        self._scale_activations(n)
+        self.W_dec.div_(n.unsqueeze(1))
+
+    def _scale_activations(self, n: torch.Tensor) -> None:
+        """Multiply every latent's activation by n [d_sae] (n > 0) through its encoder."""
+        self.W_enc.mul_(n)
+        self.b_enc.mul_(n)
+
+    @torch.no_grad()
     def remove_decoder_radial_grad(self) -> None:
         """Project out the gradient component parallel to each decoder row, in place:
         g_i -= (<g_i, w_i> / ||w_i||^2) w_i, with no temporary the size of W_dec."""
@@ -228,6 +247,7 @@ def topk_acts(pre: torch.Tensor, k: int) -> torch.Tensor:
 
 class TopKSAE(SAE):
     architecture = "topk"
+    picks_by_rank = True
 
     def __init__(self, cfg: SAEConfig):
         super().__init__(cfg)
@@ -250,12 +270,17 @@ class JumpReLUSAE(SAE):
     def activate(self, pre: torch.Tensor) -> torch.Tensor:
         return torch.relu(pre) * (pre > self.threshold)
 
+    def _scale_activations(self, n: torch.Tensor) -> None:
+        super()._scale_activations(n)
+        self.threshold.mul_(n)
+
 
 class BatchTopKSAE(SAE):
     """Training: keep the k*batch largest activations of the whole batch. Inference: a single
     threshold learned as an EMA of the smallest kept activation; exported as jumprelu."""
 
     architecture = "batchtopk"
+    picks_by_rank = True
 
     def __init__(self, cfg: SAEConfig):
         super().__init__(cfg)
@@ -339,6 +364,11 @@ class GatedSAE(SAE):
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         gate_pre, mag_pre = self.gate_and_magnitude(x)
         return (gate_pre > 0).to(mag_pre.dtype) * torch.relu(mag_pre)
+
+    def _scale_activations(self, n: torch.Tensor) -> None:
+        """The magnitude path only: the gate, which decides where a latent fires, keeps W_enc."""
+        self.r_mag.add_(n.log())
+        self.b_mag.mul_(n)
 
 
 SAE_CLASSES: dict[str, type[SAE]] = {

@@ -105,6 +105,33 @@ def test_fold_normalization_keeps_outputs(arch):
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_fold_decoder_norms_keeps_outputs_and_firing(arch):
+    """Rows of norms 0.3-3 become unit rows; each latent fires where it did, its activation
+    scaled by its row's old norm, and the reconstruction is unchanged. The TopK family picks
+    latents by rank, which such a scaling would change: refused, with nothing changed."""
+    sae = make(arch)
+    norms = torch.linspace(0.3, 3.0, D_SAE)
+    with torch.no_grad():
+        sae.W_dec.mul_(norms.unsqueeze(1) / sae.W_dec.norm(dim=1, keepdim=True))
+    x = inputs()
+    before_acts, before_out = sae.encode(x), sae(x)
+    if arch in K_ARCHITECTURES:
+        state = {k: v.clone() for k, v in sae.state_dict().items()}
+        with pytest.raises(TypeError, match="by rank"):
+            sae.fold_decoder_norms()
+        for k, v in sae.state_dict().items():
+            assert torch.equal(v, state[k]), k
+        return
+    sae.fold_decoder_norms()
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(D_SAE))
+    acts = sae.encode(x)
+    assert torch.equal(acts > 0, before_acts > 0)
+    assert (before_acts > 0).any() and not (before_acts > 0).all()
+    torch.testing.assert_close(acts, before_acts * norms, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(sae(x), before_out, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_save_load_bit_exact(arch, tmp_path):
     sae = make(arch)
     sae.fold_normalization()

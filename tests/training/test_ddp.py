@@ -86,6 +86,27 @@ def test_two_processes_train_one_job(tiny_model_dir, mlflow_store, tmp_path):
     assert tensors_sha256(saved) == r0["sae_sha256"][sid]  # what both processes agreed on
 
 
+def test_decoder_refit_under_ddp(tiny_model_dir, mlflow_store, tmp_path):
+    """A relu SAE whose second half refits its decoder: the held parameters get zero
+    gradients for DDP's reduction and none for Adam, so both processes end identical."""
+    args = [a for a in SMALL if a not in ("--k", "8")]
+    proc = saereg(["train", str(tiny_model_dir), *args, *DDP, "--arch", "relu",
+                   "--decoder-refit", "0.5", "--tokens", "4096"], cwd=tmp_path)
+    out = proc.communicate(timeout=300)[0].decode()
+    assert proc.returncode == 0, out[-4000:]
+    (job_dir,) = runs_dir().iterdir()
+    job = json.loads((job_dir / "job.json").read_text())
+    r0, r1 = job["ranks"]
+    assert r0["data_sha256"] != r1["data_sha256"]
+    assert r0["state_sha256"] == r1["state_sha256"]
+    (folder,) = job["saes"].values()
+    sae = load_sae(folder)
+    assert sae.cfg.architecture == "relu"
+    # unit rows in training; the saved folder divides them by the normalisation scale
+    norms = sae.W_dec.detach().norm(dim=1)
+    torch.testing.assert_close(norms, torch.full_like(norms, float(norms[0])))
+
+
 def test_killed_ddp_job_resumes(tiny_model_dir, mlflow_store, tmp_path):
     proc = saereg(["train", str(tiny_model_dir), *SMALL, *DDP, "--tokens", "64k",
                    "--checkpoint-every", "10"], cwd=tmp_path, start_new_session=True)

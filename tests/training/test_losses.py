@@ -255,7 +255,7 @@ def test_encoder_biases_learn_in_the_pre_activations_units():
         == 0.01
     assert SAETrainConfig(hook=HOOK, architecture="topk", preact_coefficient=0.01).preact_of() \
         == 0.0
-    with pytest.raises(ConfigError, match="bias_lr must be positive; got 0"):
+    with pytest.raises(ConfigError, match="bias_lr must be a positive finite number; got 0"):
         SAETrainConfig(hook=HOOK, architecture="relu", bias_lr=0)
     with pytest.raises(ConfigError, match="preact_coefficient"):
         SAETrainConfig(hook=HOOK, architecture="relu", preact_coefficient=-1)

@@ -18,6 +18,8 @@ DATA = Path(__file__).parent / "data"
 sys.path.insert(0, str(DATA))
 import make_half_trained_checkpoint as maker  # noqa: E402
 
+from saereg.training.module import DECODER_PARAMETERS  # noqa: E402
+
 
 def test_resume_regroups_an_earlier_optimizer_layout(tmp_path, capfd):
     saved = torch.load(DATA / "pre_bias_group.ckpt", weights_only=False)
@@ -58,15 +60,18 @@ def test_resume_regroups_an_earlier_optimizer_layout(tmp_path, capfd):
         assert group["initial_lr"] == pytest.approx(lr), name
         own = dict(module.saes[sid].named_parameters())
         assert [id(p) for p in group["params"]] == [id(own[n]) for n in params], name
-        for n in params:  # the saved steps and the resumed ones
-            assert float(opt.state[own[n]]["step"]) == maker.STEPS, (name, n)
+        for n in params:  # the saved steps and the resumed ones; the decoder refit holds
+            held = 0 if n in DECODER_PARAMETERS else module.refit_steps[sid]  # all but W_dec
+            assert float(opt.state[own[n]]["step"]) == maker.STEPS - held, (name, n)
+    assert module.refit_steps["planted-relu-x2"] == 2  # a tenth of the 20 steps
     relu = "planted-relu-x2"
     assert groups[f"{relu}/biases"]["initial_lr"] == pytest.approx(
         4 * groups[relu]["initial_lr"])  # x sqrt(d_in), d_in 16
     sched = trainer.lr_scheduler_configs[0].scheduler
     assert sched.base_lrs == [g["initial_lr"] for g in opt.param_groups]
     assert [g["lr"] for g in opt.param_groups] == pytest.approx(
-        [g["initial_lr"] * module.lr_factor(sched.last_epoch) for g in opt.param_groups])
+        [lr * module.group_lr_factor(name, sid, lr, sched.last_epoch)
+         for name, sid, _, lr in module.param_groups()])
 
 
 def test_a_checkpoint_of_other_saes_is_refused(tmp_path):
