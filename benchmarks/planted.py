@@ -59,8 +59,8 @@ def main() -> None:
     from saereg.registry.sae.folder import load_sae
     from saereg.training.config import K_ARCHITECTURES, SAETrainConfig, TrainConfig
     from saereg.training.job import run_training
-    from saereg.training.planted import (HOOK, PlantedFeatures, recovery, relu_with_encoder_of,
-                                         support_ev, write_planted_cache)
+    from saereg.training.planted import (HOOK, PlantedFeatures, matched_by_rate, recovery,
+                                         relu_with_encoder_of, support_ev, write_planted_cache)
 
     planted = PlantedFeatures(n_features=args.features, d=args.d, seed=args.seed)
     cache = write_planted_cache(planted, work / "cache", args.samples)
@@ -87,7 +87,7 @@ def main() -> None:
     print("| architecture | target | d_sae | matched (cos > 0.9) | matched, live rows | EV | "
           "EV, best magnitudes | dead | L0 | goal |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    jumprelu = []
+    jumprelu, bands = [], []
     for spec, r in zip(saes, result.saes):
         assert spec.architecture == r.architecture  # the job keeps the order of cfg.saes
         target = spec.target_l0 if spec.target_l0 is not None else spec.k
@@ -99,8 +99,18 @@ def main() -> None:
               f"{m['matched_live']:.3f} | {m['explained_variance']:.3f} | "
               f"{support_ev(planted, sae):.3f} | {m['dead']:.3f} | "
               f"{m['l0']:.2f} | {'met' if ok else 'missed'} |")
+        bands.append((r.architecture, target, matched_by_rate(planted, sae)))
         if r.architecture == "jumprelu":
             jumprelu.append((target, sae))
+    heads = [f"ranks {lo}-{hi} ({rate * args.samples:,.0f} per {args.samples:,})"
+             for lo, hi, rate, _ in bands[0][2]]
+    print("\nMatched (cos > 0.9) by firing rate: features ranked by rate, their mean number of "
+          "samples fired on in the cache")
+    print("| architecture | target | " + " | ".join(heads) + " |")
+    print("|---|---|" + "---|" * len(heads))
+    for arch, target, row in bands:
+        print(f"| {arch} | {target:g} | " + " | ".join(f"{m:.2f}" for *_, m in row) + " |")
+    print()
     for target, sae in jumprelu:
         m = relu_with_encoder_of(planted, sae)
         print(f"ReLU SAE from the JumpReLU (target {target:g}) encoder, relu(pre - threshold) and "

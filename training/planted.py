@@ -116,6 +116,23 @@ def recovery(planted: PlantedFeatures, sae, n_eval: int = 8192, threshold: float
 
 
 @torch.no_grad()
+def matched_by_rate(planted: PlantedFeatures, sae, threshold: float = 0.9
+                    ) -> list[tuple[int, int, float, float]]:
+    """The share of planted directions matched by a decoder row (cosine > ``threshold``) in
+    bands of features ranked by firing rate, most frequent first (ranks [0, n/16), [n/16,
+    n/8), [n/8, n/4), [n/4, n/2), [n/2, n)): (first rank, end rank, the band's mean firing
+    rate per sample, matched share)."""
+    w = sae.W_dec.detach().float()
+    cos = planted.directions @ (w / w.norm(dim=1, keepdim=True).clamp_min(1e-12)).T
+    best = cos.max(dim=1).values
+    n = planted.n_features
+    edges = sorted({0, *(max(1, n // d) for d in (16, 8, 4, 2)), n})
+    return [(lo, hi, float(planted.rates[lo:hi].mean()), float((best[lo:hi] > threshold)
+                                                              .float().mean()))
+            for lo, hi in zip(edges, edges[1:])]
+
+
+@torch.no_grad()
 def relu_with_encoder_of(planted: PlantedFeatures, sae, n_fit: int = 16384, n_eval: int = 8192
                          ) -> dict[str, float]:
     """A ReLU SAE built from a trained JumpReLU SAE's encoder: activations relu(pre - t) with

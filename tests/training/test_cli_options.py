@@ -98,6 +98,11 @@ def test_config_error_names_the_argument_in_python():
     (["--ghost-grads"], "--ghost-grads apply to relu SAEs only"),
     (["--lr-decay-fraction", "2"], "--lr-decay-fraction must be within [0, 1]"),
     (["--k-start", "0"], "--k-start must be at least 1"),
+    (["--arch", "relu", "--sparsity-coefficient", "nan"],
+     "--sparsity-coefficient must be a finite number, not negative; got nan"),
+    (["--arch", "relu", "--lr", "inf"], "--lr must be a positive finite number; got inf"),
+    (["--arch", "relu", "--decoder-refit", "1"], "--decoder-refit is a share of the run"),
+    (["--decoder-refit", "0.1"], "--decoder-refit applies to relu, jumprelu, gated SAEs"),
 ])
 def test_config_error_on_the_command_line_names_the_flag(args, flag_message):
     result = CliRunner().invoke(cli, ["train", "some-model", "--hook", "1", *args])
