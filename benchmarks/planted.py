@@ -13,7 +13,8 @@ target, from the same one pass (a sweep). Where JumpReLU was trained, a last lin
 ReLU SAE built from its encoder (relu(pre - threshold), least-squares decoder): what a ReLU
 encoder can reach at that L0 whatever its objective. "EV, best magnitudes" keeps each SAE's
 firing pattern and fits the magnitudes per sample by least squares: it separates the cost of
-which latents fire from the cost of their magnitudes.
+which latents fire from the cost of their magnitudes. A second table splits matched by the
+features' firing rate (bands of features ranked by rate, saereg.training.planted.matched_by_rate).
 
     python benchmarks/planted.py --features 512 --d 64 --samples 300k --target 3 --tokens 1M
     python benchmarks/planted.py --arch relu,gated --target 3,4.5,6,9,12

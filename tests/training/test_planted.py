@@ -35,6 +35,26 @@ def test_an_untrained_sae_matches_no_planted_direction(seed):
         assert r["matched"] == 0.0, (arch, r)
 
 
+def test_matched_by_rate_splits_by_firing_rate():
+    """A decoder holding the 64 most frequent directions (and random rows elsewhere) matches
+    every feature of the two most frequent bands and none of the rarer ones."""
+    import torch
+
+    from saereg.registry.sae.modules import SAEConfig, build_sae
+    from saereg.training.planted import matched_by_rate
+
+    features = PlantedFeatures(n_features=512, d=64, seed=4)
+    sae = build_sae(SAEConfig(d_in=64, d_sae=512, architecture="relu"), seed=4)
+    with torch.no_grad():
+        sae.W_dec[:64] = features.directions[:64] * 3.0  # the norm does not matter
+    bands = matched_by_rate(features, sae)
+    assert [(lo, hi) for lo, hi, _, _ in bands] == [(0, 32), (32, 64), (64, 128), (128, 256),
+                                                     (256, 512)]
+    assert [m for *_, m in bands] == [1.0, 1.0, 0.0, 0.0, 0.0]
+    rates = [r for _, _, r, _ in bands]
+    assert rates == sorted(rates, reverse=True) and rates[0] > 20 * rates[-1]
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """One job training the four SAEs from one pass over the planted cache."""
