@@ -33,7 +33,7 @@ ARCHS = ("topk", "batchtopk", "matryoshka", "jumprelu", "relu", "gated")
 
 
 def main() -> None:
-    from saereg.training.config import parse_count
+    from saereg.training.fields import parse_count
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--features", type=int, default=512)

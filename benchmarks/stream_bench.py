@@ -153,7 +153,7 @@ print(json.dumps({"maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrs
 
 
 def bench_memory(args) -> None:
-    from saereg.training.config import parse_count
+    from saereg.training.fields import parse_count
     from saereg.training.cache import write_cache
     from saereg.training.lm import load_lm
     from saereg.training.tiny import build_tiny_llama

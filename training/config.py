@@ -21,6 +21,7 @@ from typing import Any
 
 from saereg.registry.errors import ConfigError
 from saereg.registry.sae.architectures import ARCHITECTURES, K_ARCHITECTURES
+from saereg.training.fields import id_number, not_negative, one_of, positive
 
 STRATEGIES = ("auto", "ddp")
 PRECISIONS = ("32", "bf16-mixed")
@@ -36,57 +37,6 @@ DEFAULT_REFIT = {"relu": 0.1}
 DEFAULT_DEAD_TOKENS = 1_000_000
 LM_DTYPES = ("float32", "bfloat16", "float16")
 """The dtypes a language model is loaded in (names of saereg.registry.sae.modules.DTYPES)."""
-
-
-def parse_count(value: str | int) -> int:
-    """A count written for people: '200k', '1.5M', '2e6', '4096' -> int (k = 1e3, M = 1e6,
-    B = 1e9). Raises ValueError for anything else."""
-    if isinstance(value, int):
-        return value
-    m = re.fullmatch(r"\s*(-?[0-9.]+(?:e[0-9]+)?)\s*([kKmMbB]?)\s*", str(value))
-    if not m:
-        raise ValueError(value)
-    mult = {"": 1, "k": 1e3, "m": 1e6, "b": 1e9}[m.group(2).lower()]
-    return int(float(m.group(1)) * mult)
-
-
-def format_count(n: int) -> str:
-    """The inverse of :func:`parse_count` where it is exact: 1000000 -> '1M', 8000 -> '8k'."""
-    for mult, suffix in ((1_000_000_000, "B"), (1_000_000, "M"), (1000, "k")):
-        if n and n % mult == 0:
-            return f"{n // mult}{suffix}"
-    return str(n)
-
-
-def _positive(cfg: Any, *names: str) -> None:
-    for name in names:
-        value = getattr(cfg, name)
-        if value is not None and not (value > 0 and math.isfinite(value)):
-            # by the field's declared type: 0 given for a float field is still a float field
-            declared = str(cfg.__dataclass_fields__[name].type)
-            what = "a positive finite number" if "float" in declared else "at least 1"
-            raise ConfigError(f"{name} must be {what}; got {value}", field=name)
-
-
-def _not_negative(cfg: Any, *names: str) -> None:
-    for name in names:
-        value = getattr(cfg, name)
-        if value is not None and not (value >= 0 and math.isfinite(value)):
-            raise ConfigError(f"{name} must be a finite number, not negative; got {value}",
-                              field=name)
-
-
-def _one_of(cfg: Any, name: str, allowed: tuple[str, ...], hint: str = "") -> None:
-    value = getattr(cfg, name)
-    if value not in allowed:
-        raise ConfigError(f"{name} must be one of {', '.join(allowed)}; got {value!r}{hint}",
-                          field=name)
-
-
-def _id_number(value: float) -> str:
-    """A number as an SAE id writes it: shortest form, "p" for the decimal point (ids name
-    folders and torch modules, which refuse dots): 0.05 -> 0p05, 3e-4 -> 0p0003, 16.0 -> 16."""
-    return f"{value:g}".replace(".", "p")
 
 
 @dataclass
@@ -179,11 +129,11 @@ class SAETrainConfig:
     """Seed of the SAE's initial weights."""
 
     def __post_init__(self) -> None:
-        _one_of(self, "architecture", ARCHITECTURES)
-        _positive(self, "expansion", "k", "d_sae", "k_start", "lr", "dead_tokens", "aux_k",
+        one_of(self, "architecture", ARCHITECTURES)
+        positive(self, "expansion", "k", "d_sae", "k_start", "lr", "dead_tokens", "aux_k",
                   "jumprelu_init_threshold", "jumprelu_bandwidth", "jumprelu_threshold_lr",
                   "bias_lr", "target_l0", "decoder_refit_lr")
-        _not_negative(self, "k_anneal_tokens", "sparsity_coefficient", "sparsity_warmup_tokens",
+        not_negative(self, "k_anneal_tokens", "sparsity_coefficient", "sparsity_warmup_tokens",
                       "aux_k_alpha", "preact_coefficient", "decoder_refit")
         if self.decoder_refit is not None and self.decoder_refit >= 1:
             raise ConfigError(f"decoder_refit is a share of the run, less than 1 "
@@ -195,7 +145,7 @@ class SAETrainConfig:
         if self.ghost_grads and self.architecture != "relu":
             raise ConfigError(f"ghost_grads apply to relu SAEs only; this one is "
                               f"{self.architecture}", field="ghost_grads")
-        _one_of(self, "b_dec_init", B_DEC_INITS)
+        one_of(self, "b_dec_init", B_DEC_INITS)
         if self.target_l0 is not None and self.architecture not in SPARSITY_ARCHITECTURES:
             raise ConfigError(f"target_l0 applies to {', '.join(SPARSITY_ARCHITECTURES)} SAEs; "
                               f"a {self.architecture} SAE takes k", field="target_l0")
@@ -222,19 +172,18 @@ class SAETrainConfig:
 
     def preact_of(self) -> float:
         """The pre-activation loss weight of this SAE (see preact_coefficient)."""
-        if self.architecture not in SPARSITY_ARCHITECTURES:
-            return 0.0
-        if self.preact_coefficient is not None:
-            return self.preact_coefficient
-        return DEFAULT_PREACT.get(self.architecture, 0.0)
+        return self._sparsity_setting(self.preact_coefficient, DEFAULT_PREACT)
 
     def refit_of(self) -> float:
         """The share of the run spent refitting the decoder (see decoder_refit)."""
+        return self._sparsity_setting(self.decoder_refit, DEFAULT_REFIT)
+
+    def _sparsity_setting(self, value: float | None, defaults: dict[str, float]) -> float:
+        """A setting of relu, jumprelu and gated SAEs: 0 for the others, else ``value`` or
+        (unset) the architecture's entry of ``defaults``."""
         if self.architecture not in SPARSITY_ARCHITECTURES:
             return 0.0
-        if self.decoder_refit is not None:
-            return self.decoder_refit
-        return DEFAULT_REFIT.get(self.architecture, 0.0)
+        return value if value is not None else defaults.get(self.architecture, 0.0)
 
     def refit_steps(self, total_steps: int) -> int:
         """Steps at the end of a run of ``total_steps`` that refit the decoder (at least one
@@ -287,11 +236,11 @@ class SAETrainConfig:
             parts.append(f"k{self.k}")
         if self.architecture in SPARSITY_ARCHITECTURES:
             if self.target_l0 is not None:
-                parts.append(f"l0_{_id_number(self.target_l0)}")
+                parts.append(f"l0_{id_number(self.target_l0)}")
             if self.sparsity_coefficient is not None:
-                parts.append(f"c{_id_number(self.sparsity_coefficient)}")
+                parts.append(f"c{id_number(self.sparsity_coefficient)}")
         if self.lr is not None:
-            parts.append(f"lr{_id_number(self.lr)}")
+            parts.append(f"lr{id_number(self.lr)}")
         return "-".join(parts)
 
 
@@ -366,16 +315,16 @@ class TrainConfig:
         if not self.saes:
             raise ConfigError("saes is empty: at least one SAE (one hook point) is needed",
                               field="saes")
-        _positive(self, "context_size", "tokens", "batch_tokens", "lm_batch_size",
+        positive(self, "context_size", "tokens", "batch_tokens", "lm_batch_size",
                   "buffer_tokens", "log_every", "checkpoint_every")
-        _not_negative(self, "eval_tokens", "lr_warmup_steps", "grad_clip")
+        not_negative(self, "eval_tokens", "lr_warmup_steps", "grad_clip")
         if self.context_size < 2:
             raise ConfigError(f"context_size must be at least 2 (BOS plus one token); got "
                               f"{self.context_size}", field="context_size")
         if not 0 <= self.lr_decay_fraction <= 1:
             raise ConfigError(f"lr_decay_fraction must be within [0, 1]; got "
                               f"{self.lr_decay_fraction}", field="lr_decay_fraction")
-        _one_of(self, "dtype", LM_DTYPES)
+        one_of(self, "dtype", LM_DTYPES)
         self._check_parallel()
         ids = [s.sae_id() for s in self.saes]
         dupes = sorted({i for i in ids if ids.count(i) > 1})
@@ -389,8 +338,8 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be at least 1; got {value!r}", field=name)
         hint = ("; ddp_spawn would have to pickle the model, the streams and the MLflow client "
                 "into new processes, use ddp") if self.strategy == "ddp_spawn" else ""
-        _one_of(self, "strategy", STRATEGIES, hint)
-        _one_of(self, "precision", PRECISIONS)
+        one_of(self, "strategy", STRATEGIES, hint)
+        one_of(self, "precision", PRECISIONS)
         if self.devices > 1 and (":" in self.device or self.device == "mps"):
             raise ConfigError(f"device {self.device} names a single device; with devices="
                               f"{self.devices} use cuda, cpu or auto", field="device")
@@ -465,12 +414,12 @@ class CacheConfig:
         self.hooks = [str(h) for h in ([self.hooks] if isinstance(self.hooks, str) else self.hooks)]
         if not self.hooks:
             raise ConfigError("hooks is empty: at least one hook point is needed", field="hooks")
-        _positive(self, "tokens", "context_size", "lm_batch_size", "shard_tokens")
-        _not_negative(self, "heldout_tokens")
+        positive(self, "tokens", "context_size", "lm_batch_size", "shard_tokens")
+        not_negative(self, "heldout_tokens")
         if self.context_size < 2:
             raise ConfigError(f"context_size must be at least 2 (BOS plus one token); got "
                               f"{self.context_size}", field="context_size")
-        _one_of(self, "dtype", LM_DTYPES)
+        one_of(self, "dtype", LM_DTYPES)
 
 
 def flat_params(cfg: TrainConfig, sae: SAETrainConfig) -> dict[str, str]:

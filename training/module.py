@@ -18,7 +18,6 @@ buffers stay identical everywhere and ``tokens_seen`` counts the tokens of all p
 from __future__ import annotations
 
 import functools
-import sys
 import time
 from typing import Any
 
@@ -26,14 +25,16 @@ import lightning as L
 import torch
 from torch import nn
 
-from saereg.registry.errors import ConfigError, TrainingDivergedError
+from saereg.registry.errors import TrainingDivergedError
 from saereg.registry.sae.modules import SAE, SAEConfig, build_sae, expected_norm_scale
 from saereg.training.activations import ActivationStream, StreamDataset
 from saereg.training.config import SPARSITY_ARCHITECTURES, SAETrainConfig, TrainConfig
 from saereg.training.distributed import (all_gather_objects, all_reduce_sum, broadcast_, rank,
                                          world_size)
+from saereg.training.latents import LatentStats
 from saereg.training.losses import (COMPILED_ARCHITECTURES, LossSettings, compiled_loss,
                                     compute_loss, explained_variance, geometric_median, k_at)
+from saereg.training.regroup import regroup_optimizer
 from saereg.training.sparsity import SparsityControl
 
 INIT_SAMPLE_TOKENS = 4096
@@ -42,37 +43,6 @@ DECODER_PARAMETERS = ("W_dec",)
 BIAS_PARAMETERS = ("b_enc", "b_gate", "b_mag")
 """The biases added to pre-activations; in relu, jumprelu and gated SAEs they learn at
 ``bias_lr`` (see SAETrainConfig.bias_lr)."""
-
-
-class LatentStats(nn.Module):
-    """Per-latent firing bookkeeping, saved in checkpoints with the SAE."""
-
-    def __init__(self, d_sae: int):
-        super().__init__()
-        self.register_buffer("tokens_since_fired", torch.zeros(d_sae, dtype=torch.long))
-        self.register_buffer("fire_count", torch.zeros(d_sae, dtype=torch.long))
-        self.register_buffer("count_tokens", torch.zeros((), dtype=torch.long))
-
-    @torch.no_grad()
-    def fire_counts(self, out) -> torch.Tensor:
-        """Tokens of one step on which each latent fired, from a LossOutput: dense activations
-        [B, d_sae], or the active latents [B, k] of a TopK step (each at most once a row)."""
-        if out.acts is not None:
-            return (out.acts.detach() > 0).sum(0)
-        fired = out.idx[out.vals > 0]
-        return torch.zeros_like(self.fire_count).index_add_(0, fired, torch.ones_like(fired))
-
-    @torch.no_grad()
-    def record(self, counts: torch.Tensor, n_tokens: int, count: bool) -> None:
-        """Add one step of ``n_tokens`` tokens on which latent i fired ``counts[i]`` times."""
-        self.tokens_since_fired += n_tokens
-        self.tokens_since_fired[counts > 0] = 0
-        if count:
-            self.fire_count += counts
-            self.count_tokens += n_tokens
-
-    def firing_rate(self) -> torch.Tensor:
-        return self.fire_count.double() / max(int(self.count_tokens), 1)
 
 
 def make_sae(spec: SAETrainConfig, d_in: int, metadata: dict[str, Any] | None = None) -> SAE:
@@ -138,64 +108,12 @@ class SAETrainingModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """A checkpoint written before the sparsity controller existed has no coefficient
         buffers: those resume at the value a new job starts from. One written before the
-        encoder biases had an Adam group of their own is regrouped (_regroup_optimizer)."""
+        encoder biases had an Adam group of their own is regrouped (regroup_optimizer)."""
         state = checkpoint.get("state_dict", {})
         for key, value in self.state_dict().items():
             if key.startswith("control.") and key not in state:
                 state[key] = value
-        self._regroup_optimizer(checkpoint)
-
-    def _regroup_optimizer(self, checkpoint: dict[str, Any]) -> None:
-        """Rewrite the checkpoint's Adam state and LR schedule into :meth:`param_groups`'s
-        groups when they were saved in other groups (one per SAE and one per JumpReLU
-        threshold, before the encoder biases had theirs): every parameter keeps its own
-        moments and step count; a group's rate is its current one at the schedule's factor."""
-        optimizers = checkpoint.get("optimizer_states") or []
-        if len(optimizers) != 1:
-            return
-        saved = optimizers[0]
-        groups = self.param_groups()
-        if [g.get("name") for g in saved["param_groups"]] == [g[0] for g in groups]:
-            return
-        where: dict[tuple[str, str], tuple[Any, dict]] = {}  # (SAE, parameter) -> state, group
-        for group in saved["param_groups"]:
-            sid, _, part = str(group.get("name")).partition("/")
-            if sid not in self.saes or part not in ("", "threshold"):
-                raise ConfigError(f"the checkpoint's optimizer group {group.get('name')!r} "
-                                  f"belongs to no SAE of this job")
-            held = (["threshold"] if part else
-                    [n for n, _ in self.saes[sid].named_parameters() if n != "threshold"])
-            if len(held) != len(group["params"]):
-                raise ConfigError(f"the checkpoint's optimizer group {group['name']!r} holds "
-                                  f"{len(group['params'])} parameters where this version's "
-                                  f"SAE has {len(held)}")
-            for name, index in zip(held, group["params"]):
-                where[(sid, name)] = (saved["state"].get(index), group)
-        missing = [f"{sid} {p}" for _, sid, params, _ in groups for p in params
-                   if (sid, p) not in where]
-        if missing:
-            raise ConfigError(f"the checkpoint has no optimizer group for {missing[0]}")
-        state, new_groups = {}, []
-        for name, sid, params, lr in groups:
-            template = where[(sid, params[0])][1]
-            factor = template["lr"] / template.get("initial_lr", template["lr"])
-            start = sum(len(g["params"]) for g in new_groups)
-            new_groups.append({**{k: v for k, v in template.items() if k != "params"},
-                               "name": name, "initial_lr": lr, "lr": lr * factor,
-                               "params": list(range(start, start + len(params)))})
-            for index, param in enumerate(params, start):
-                if where[(sid, param)][0] is not None:
-                    state[index] = where[(sid, param)][0]
-        optimizers[0] = {"state": state, "param_groups": new_groups}
-        for sched in checkpoint.get("lr_schedulers") or []:
-            sched["base_lrs"] = [g["initial_lr"] for g in new_groups]
-            sched["_last_lr"] = [g["lr"] for g in new_groups]
-            if "lr_lambdas" in sched:
-                sched["lr_lambdas"] = [None] * len(new_groups)
-        if rank() == 0:
-            print("[saereg] checkpoint from an earlier optimizer layout: the encoder biases of "
-                  "relu, jumprelu and gated SAEs learn at their own rate (bias_lr) from here on",
-                  file=sys.stderr)
+        regroup_optimizer(self, checkpoint)
 
     def on_train_start(self) -> None:
         dm = self.trainer.datamodule

@@ -25,7 +25,7 @@ from typing import Any
 
 import click
 
-from saereg.training.config import format_count, parse_count
+from saereg.training.fields import format_count, parse_count
 
 _CONTEXT_KEY = "saereg.command_context"
 _UNSET: Any = object()
@@ -43,7 +43,7 @@ def kv_pairs(_ctx, _param, values) -> dict[str, str]:
 
 
 class Count(click.ParamType):
-    """A count written for people: 4096, 200k, 1.5M (see saereg.training.config.parse_count)."""
+    """A count written for people: 4096, 200k, 1.5M (see saereg.training.fields.parse_count)."""
 
     name = "count"
 

@@ -19,8 +19,8 @@ from saereg.commands.options import FieldOption, field_docs
 from saereg.commands.train import train
 from saereg.registry.errors import ConfigError
 from saereg.registry.sae.architectures import ARCHITECTURES
-from saereg.training.config import (CacheConfig, SAETrainConfig, TrainConfig, format_count,
-                                    parse_count)
+from saereg.training.config import CacheConfig, SAETrainConfig, TrainConfig
+from saereg.training.fields import format_count, parse_count
 
 
 def test_every_config_field_has_a_docstring():
