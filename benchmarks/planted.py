@@ -16,7 +16,8 @@ firing pattern and fits the magnitudes per sample by least squares: it separates
 which latents fire from the cost of their magnitudes. A second table splits matched by the
 features' firing rate (bands of features ranked by rate, saereg.training.planted.matched_by_rate).
 
-    python benchmarks/planted.py --features 512 --d 64 --samples 300k --target 3 --tokens 1M
+    python benchmarks/planted.py --features 512 --d 64 --samples 300k --target 3 --tokens 4M
+    python benchmarks/planted.py --set revive_until=0.8     # split revival for every architecture
     python benchmarks/planted.py --arch relu,gated --target 3,4.5,6,9,12
 """
 
@@ -41,7 +42,7 @@ def main() -> None:
     ap.add_argument("--samples", type=parse_count, default=300_000)
     ap.add_argument("--target", default="3",
                     help="k (rounded), and target_l0, for every SAE; a list sweeps them all")
-    ap.add_argument("--tokens", type=parse_count, default=1_000_000)
+    ap.add_argument("--tokens", type=parse_count, default=4_000_000)
     ap.add_argument("--batch-tokens", type=parse_count, default=2048)
     ap.add_argument("--arch", default=",".join(ARCHS))
     ap.add_argument("--threads", type=int, default=2)

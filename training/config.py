@@ -35,6 +35,11 @@ DEFAULT_PREACT = {"jumprelu": 1e-3}
 DEFAULT_REFIT = {"relu": 0.1}
 """Decoder refit shares when none is given (see SAETrainConfig.decoder_refit)."""
 DEFAULT_DEAD_TOKENS = 1_000_000
+DEFAULT_REVIVE_UNTIL = {"topk": 0.8}
+"""The share of the run split revival runs in when none is given (see revive_until)."""
+REVIVAL_SAMPLE_TOKENS = 32768
+"""Tokens (the inputs of the steps before a split revival round) a round clusters targets on;
+rounds are at least this many tokens apart, so each sees only steps trained since the last."""
 LM_DTYPES = ("float32", "bfloat16", "float16")
 """The dtypes a language model is loaded in (names of saereg.registry.sae.modules.DTYPES)."""
 
@@ -84,6 +89,17 @@ class SAETrainConfig:
     dead latents too)."""
     ghost_grads: bool = False
     """Ghost grads for dead latents (relu only)."""
+    revive_until: float | None = None
+    """Share of the run, from its start, in which split revival runs (see
+    saereg.training.revival): every revive_every tokens a round clusters each latent's targets
+    on the last 32k tokens and moves the latents that carry least onto the second direction of
+    latents that stand between two features (unset: 0.8 for topk, where it was measured to
+    help, 0 for the others; 0 turns it off; never in a decoder refit)."""
+    revive_every: int | None = None
+    """Tokens between split revival rounds (unset: a twentieth of the run's tokens; at least
+    32768, the tokens a round looks at)."""
+    revive_share: float = 0.1
+    """The most latents one split revival round moves, as a share of d_sae."""
     preact_coefficient: float | None = None
     """Weight of the pre-activation loss of relu, jumprelu and gated SAEs: c * sum_i
     relu(t_i - h_i) ||W_dec,i|| over the latents, averaged over tokens, where h_i is latent
@@ -131,10 +147,15 @@ class SAETrainConfig:
     def __post_init__(self) -> None:
         one_of(self, "architecture", ARCHITECTURES)
         positive(self, "expansion", "k", "d_sae", "k_start", "lr", "dead_tokens", "aux_k",
+                  "revive_every", "revive_share",
                   "jumprelu_init_threshold", "jumprelu_bandwidth", "jumprelu_threshold_lr",
                   "bias_lr", "target_l0", "decoder_refit_lr")
         not_negative(self, "k_anneal_tokens", "sparsity_coefficient", "sparsity_warmup_tokens",
-                      "aux_k_alpha", "preact_coefficient", "decoder_refit")
+                      "aux_k_alpha", "preact_coefficient", "decoder_refit", "revive_until")
+        for name in ("revive_until", "revive_share"):
+            value = getattr(self, name)
+            if value is not None and value > 1:
+                raise ConfigError(f"{name} is a share, at most 1 (got {value})", field=name)
         if self.decoder_refit is not None and self.decoder_refit >= 1:
             raise ConfigError(f"decoder_refit is a share of the run, less than 1 "
                               f"(got {self.decoder_refit})", field="decoder_refit")
@@ -192,6 +213,18 @@ class SAETrainConfig:
         if not share or total_steps < 2:
             return 0
         return min(total_steps - 1, max(1, round(share * total_steps)))
+
+    def revival_steps(self, total_steps: int, batch_tokens: int, run_tokens: int) -> list[int]:
+        """The steps after whose update a split revival round runs (see revive_until): every
+        revive_every tokens (at least REVIVAL_SAMPLE_TOKENS) within the first revive_until of
+        the run, none in the refit; a run shorter than two samples has none."""
+        until = (DEFAULT_REVIVE_UNTIL.get(self.architecture, 0.0) if self.revive_until is None
+                 else self.revive_until)
+        every_tokens = self.revive_every or max(1, run_tokens // 20)
+        every = max(round(every_tokens / batch_tokens), -(-REVIVAL_SAMPLE_TOKENS // batch_tokens),
+                    1)
+        end = min(int(until * total_steps), total_steps - self.refit_steps(total_steps))
+        return list(range(every, end, every))
 
     def refit_lr_of(self, d_in: int) -> float:
         """The decoder's learning rate in the refit (see decoder_refit_lr)."""

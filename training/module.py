@@ -35,6 +35,7 @@ from saereg.training.latents import LatentStats
 from saereg.training.losses import (COMPILED_ARCHITECTURES, LossSettings, compiled_loss,
                                     compute_loss, explained_variance, geometric_median, k_at)
 from saereg.training.regroup import regroup_optimizer
+from saereg.training.revival import Reviver
 from saereg.training.sparsity import SparsityControl
 
 INIT_SAMPLE_TOKENS = 4096
@@ -73,6 +74,11 @@ class SAETrainingModule(L.LightningModule):
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
         self.refit_steps = {sid: s.refit_steps(self.cfg.total_steps)
                             for sid, s in self.specs.items()}
+        self.revivers = {sid: Reviver(s.revival_steps(self.cfg.total_steps, self.cfg.batch_tokens,
+                                                      self.cfg.tokens), s.revive_share)
+                         for sid, s in self.specs.items()}
+        """Split revival rounds per SAE (see revive_until)."""
+        self._step = 0
         self.refitting: set[str] = set()
         """The SAEs whose current step is a decoder-refit step (set by training_step)."""
         self.step_metrics: dict[str, dict[str, float]] = {}
@@ -221,6 +227,7 @@ class SAETrainingModule(L.LightningModule):
         steps: list[tuple | None] = []
         bad: list[int] = []  # per SAE: non-finite activations, non-finite loss
         self.refitting = {sid for sid in self.saes if self.in_refit(sid, step)}
+        self._step = step
         for sid, sae in self.saes.items():
             spec = self.specs[sid]
             x = batch[spec.hook]
@@ -228,6 +235,7 @@ class SAETrainingModule(L.LightningModule):
                 steps.append(None)
                 bad += [1, 0]
                 continue
+            self.revivers[sid].keep(step, x)
             if hasattr(sae, "k"):
                 sae.k = k_at(tokens, spec.k, spec.k_start, spec.k_anneal_tokens)
             settings = LossSettings(
@@ -304,6 +312,8 @@ class SAETrainingModule(L.LightningModule):
             "tokens_seen": float(int(self.tokens_seen) + n),
             "tokens_per_s": (int(self.tokens_seen) + n - self._tokens_at_t0) / elapsed,
         })
+        if self.revivers[sid].steps:
+            m["revived_latents"] = float(self.revivers[sid].moved)
         if hasattr(sae, "k"):
             m["k"] = float(sae.k)
         if hasattr(sae, "threshold") and sae.threshold.ndim == 0:
@@ -348,6 +358,10 @@ class SAETrainingModule(L.LightningModule):
                     sae.set_decoder_norm_to_unit()
                 if sae.architecture == "jumprelu":
                     sae.threshold.clamp_(min=1e-6)
+            opt = self.optimizers()
+            for sid, sae in self.saes.items():
+                self.revivers[sid].run(self._step, sae, getattr(opt, "optimizer", opt),
+                                       self.stats[sid])
 
     def on_train_end(self) -> None:
         from saereg.training.kernels import release_workspaces
