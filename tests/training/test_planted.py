@@ -8,7 +8,7 @@ nothing else tuned. Each SAE must find many of the directions (a decoder row at 
 reconstruct most of the variance and land near its target L0: a lower bar than
 benchmarks/planted.py's goal, so that a regression of the defaults (threshold start, threshold
 and bias learning rates, the pre-activation loss, the L0 controller, AuxK's dead window, the
-decoder refit of ReLU-L1) cannot land silently."""
+decoder refit of ReLU-L1, split revival of TopK) cannot land silently."""
 
 from __future__ import annotations
 
