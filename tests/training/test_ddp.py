@@ -107,6 +107,23 @@ def test_decoder_refit_under_ddp(tiny_model_dir, mlflow_store, tmp_path):
     torch.testing.assert_close(norms, torch.full_like(norms, float(norms[0])))
 
 
+def test_split_revival_under_ddp(tiny_model_dir, mlflow_store, tmp_path):
+    """A TopK job's split revival round (after step 64 of 125: rounds are 32768 tokens apart)
+    runs on rank 0's sample and its moves reach rank 1: latents moved, both processes end
+    identical."""
+    proc = saereg(["train", str(tiny_model_dir), *SMALL, *DDP, "--tokens", "64k",
+                   "--revive-share", "0.5"], cwd=tmp_path)
+    out = proc.communicate(timeout=300)[0].decode()
+    assert proc.returncode == 0, out[-4000:]
+    (job_dir,) = runs_dir().iterdir()
+    job = json.loads((job_dir / "job.json").read_text())
+    r0, r1 = job["ranks"]
+    assert r0["state_sha256"] == r1["state_sha256"]
+    (run_id,) = job["runs"].values()
+    moved = {m.step: m.value for m in mlflow_store.get_metric_history(run_id, "revived_latents")}
+    assert moved[64] == 0 and moved[66] > 0  # logged every 2 steps; the round after step 64
+
+
 def test_killed_ddp_job_resumes(tiny_model_dir, mlflow_store, tmp_path):
     proc = saereg(["train", str(tiny_model_dir), *SMALL, *DDP, "--tokens", "64k",
                    "--checkpoint-every", "10"], cwd=tmp_path, start_new_session=True)
