@@ -10,10 +10,9 @@ the latent would reconstruct alone) and clusters them in two by direction (spher
 weighted by the targets' energy). Where the two centroids are far apart (cosine below
 ``SEPARATION``), each has enough members, neither duplicates another decoder row and
 splitting would explain ``MARGIN`` times the energy the latent of least use carries, that
-latent is moved:
-the merged latent keeps the larger cluster's direction, the moved one takes the other (decoder
-row and encoder column, at the merged latent's encoder norm, with its bias, threshold and
-gate parameters), and both lose their Adam moments. This is the split step of the LBG
+latent is moved: the merged latent keeps the larger cluster's direction, the moved one takes
+the other (decoder row and encoder column, at the merged latent's encoder norm, with its bias,
+threshold and gate parameters), and both lose their Adam moments. This is the split step of the LBG
 vector-quantiser design (Linde, Buzo and Gray 1980) and K-SVD's replacement of unused atoms,
 with the energy of a latent's own targets as the measure.
 """
@@ -74,10 +73,6 @@ class _Targets:
                 energy = t.pow(2).sum(-1)
                 yield j, t / energy.sqrt().clamp_min(1e-12)[:, None], energy
 
-    @property
-    def pairs(self) -> int:
-        return sum(len(t) for t in self.token)
-
 
 def _unit(m: torch.Tensor) -> torch.Tensor:
     return m / m.norm(dim=1, keepdim=True).clamp_min(1e-12)
@@ -134,19 +129,19 @@ def plan_splits(sae, x: torch.Tensor, max_moves: int
     fresh = ((c0[ranked] @ own.T).masked_fill(mask, -1).amax(1) < DUPLICATE) & (
         (c1[ranked] @ own.T).masked_fill(mask, -1).amax(1) < DUPLICATE)
     splits = ranked[fresh].tolist()
-    cheap = use.argsort().tolist()
+    cheap, c = use.argsort().tolist(), 0  # the least used first
     src, tgt, taken = [], [], set()
     for t in splits[:max_moves]:
         if t in taken:
             continue
-        while cheap and (cheap[0] in taken or cheap[0] == t):
-            cheap.pop(0)
-        if not cheap or not gain[t] > MARGIN * use[cheap[0]]:
+        while c < n and (cheap[c] in taken or cheap[c] == t):
+            c += 1
+        if c == n or not gain[t] > MARGIN * use[cheap[c]]:
             break
-        s = cheap.pop(0)
-        src.append(s)
+        src.append(cheap[c])
         tgt.append(t)
-        taken.update((s, t))
+        taken.update((cheap[c], t))
+        c += 1
     if not src:
         return empty, empty, sae.W_dec[:0], sae.W_dec[:0]
     src_t = torch.tensor(src, device=dev)
@@ -181,7 +176,9 @@ def apply_splits(sae, moved: torch.Tensor, split: torch.Tensor, keep: torch.Tens
 def clear_moments(sae, latents: torch.Tensor, optimizer) -> None:
     """Zero Adam's moments of ``latents`` in every per-latent parameter of ``sae``."""
     n = sae.cfg.d_sae
-    for p in sae.parameters():
+    for name, p in sae.named_parameters():
+        if name == "b_dec":  # per input dimension, not per latent
+            continue
         state = optimizer.state.get(p, {})
         for key in ("exp_avg", "exp_avg_sq"):
             m = state.get(key)
@@ -191,7 +188,6 @@ def clear_moments(sae, latents: torch.Tensor, optimizer) -> None:
                 m[:, latents] = 0
             elif m.ndim >= 1 and m.shape[0] == n:
                 m[latents] = 0
-
 
 
 class Reviver:
