@@ -42,6 +42,7 @@ TRAIN_OPTIONS = {
     "buffer_tokens": Opt(count=True),
     "eval_tokens": Opt(count=True),
     "dead_tokens": Opt(count=True),
+    "revive_every": Opt(count=True),
     "sparsity_warmup_tokens": Opt(count=True),
     "k_anneal_tokens": Opt(count=True),
     "from_cache": Opt(type=click.Path(file_okay=False)),

@@ -103,6 +103,9 @@ def test_config_error_names_the_argument_in_python():
     (["--arch", "relu", "--lr", "inf"], "--lr must be a positive finite number; got inf"),
     (["--arch", "relu", "--decoder-refit", "1"], "--decoder-refit is a share of the run"),
     (["--decoder-refit", "0.1"], "--decoder-refit applies to relu, jumprelu, gated SAEs"),
+    (["--revive-until", "1.5"], "--revive-until is a share, at most 1 (got 1.5)"),
+    (["--revive-share", "0"], "--revive-share must be a positive finite number"),
+    (["--revive-until", "nan"], "--revive-until must be a finite number"),
 ])
 def test_config_error_on_the_command_line_names_the_flag(args, flag_message):
     result = CliRunner().invoke(cli, ["train", "some-model", "--hook", "1", *args])
