@@ -91,8 +91,7 @@ def test_defaults_recover_planted_features(trained, arch, matched, ev, dead):
 
 def test_split_revival_runs_for_topk_only_by_default(trained):
     """TopK's rounds (every 32 steps of 1024, the tokens a round looks at, until 80% of the
-    run) moved latents; the other
-    architectures have none unless asked (revive_until)."""
+    run) moved latents; the other architectures have none unless asked (revive_until)."""
     _, _, module = trained
     rounds = {module.saes[sid].architecture: r for sid, r in module.revivers.items()}
     assert len(rounds["topk"].steps) == 9 and rounds["topk"].moved > 0
