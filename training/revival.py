@@ -24,6 +24,7 @@ import bisect
 import torch
 
 from saereg.training.config import REVIVAL_SAMPLE_TOKENS as SAMPLE_TOKENS
+from saereg.training.distributed import broadcast_, rank, world_size
 
 MARGIN = 2.0
 """A split must gain this many times the energy the moved latent carries."""
@@ -205,8 +206,6 @@ class Reviver:
 
     def keep(self, step: int, x: torch.Tensor) -> None:
         """Keep ``x`` (one step's inputs) if a round is close enough to need it."""
-        from saereg.training.distributed import rank
-
         i = bisect.bisect_left(self.steps, step)
         if rank() != 0 or i == len(self.steps):
             return
@@ -216,8 +215,6 @@ class Reviver:
     @torch.no_grad()
     def run(self, step: int, sae, optimizer, stats) -> int:
         """The round due after ``step``'s update, if any: latents moved (0 when none is)."""
-        from saereg.training.distributed import broadcast_, rank, world_size
-
         if step not in self.due:
             return 0
         sample, self.sample = self.sample, []

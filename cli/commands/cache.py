@@ -1,7 +1,7 @@
 """``saereg cache``: harvest activations once into an on-disk cache (see saereg.training.cache);
 ``saereg cache import``: make such a cache from a tensor file (saereg.training.cache_import).
 
-The harvest options come from :class:`saereg.training.config.CacheConfig`. ``cache`` stays one
+The harvest options come from :class:`saereg.training.cache_config.CacheConfig`. ``cache`` stays one
 command (``saereg cache MODEL ...``) that hands ``saereg cache import ...`` to its one
 sub-command. Only click and light saereg modules are imported at module level; torch and
 transformers load when a command runs.
@@ -12,7 +12,7 @@ from __future__ import annotations
 import click
 
 from saereg.commands.options import _CONTEXT_KEY, Count, Opt, config_options
-from saereg.training.config import CacheConfig
+from saereg.training.cache_config import CacheConfig
 
 
 @click.command("import")

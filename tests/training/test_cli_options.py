@@ -19,7 +19,8 @@ from saereg.commands.options import FieldOption, field_docs
 from saereg.commands.train import train
 from saereg.registry.errors import ConfigError
 from saereg.registry.sae.architectures import ARCHITECTURES
-from saereg.training.config import CacheConfig, SAETrainConfig, TrainConfig
+from saereg.training.cache_config import CacheConfig
+from saereg.training.config import SAETrainConfig, TrainConfig
 from saereg.training.fields import format_count, parse_count
 
 
